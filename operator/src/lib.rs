@@ -5,3 +5,5 @@
 
 /// Field manager used for every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "meshlet-operator";
+
+pub mod rollout;

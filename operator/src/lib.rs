@@ -7,3 +7,5 @@
 pub const FIELD_MANAGER: &str = "meshlet-operator";
 
 pub mod rollout;
+
+pub mod ipsec;

@@ -25,4 +25,4 @@ step "OLM bundle validates (cargo xtask olm-validate olm)"
 cargo xtask olm-validate olm
 
 step "cargo test"
-cargo test --workspace --all-features --no-fail-fast 2>&1 | tee target/test.log
+cargo test --workspace --all-features --no-fail-fast

@@ -1,5 +1,73 @@
 //! `cargo xtask`: generators and checks for Meshlet's committed artifacts.
 
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Meshlet developer tooling.
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Regenerate manifests/ and olm/ from the Rust types and examples/.
+    Gen,
+    /// Fail if manifests/ or olm/ differ from what `gen` would write.
+    Verify,
+    /// Check an OLM bundle (registry+v1 or flat layout).
+    OlmValidate {
+        /// Bundle directory.
+        dir: PathBuf,
+    },
+}
+
 fn main() -> anyhow::Result<()> {
-    anyhow::bail!("usage: cargo xtask <gen|verify|olm-validate DIR>")
+    let root = xtask::workspace_root();
+    match Cli::parse().command {
+        Command::Gen => {
+            let tree = xtask::generate::generate(&root)?;
+            let written = xtask::generate::write(&tree, &root)?;
+            println!("wrote {} files under manifests/ and olm/", written.len());
+        }
+        Command::Verify => {
+            let drift = xtask::generate::verify(&root)?;
+            if !drift.is_empty() {
+                for d in &drift {
+                    eprintln!("drift: {d}");
+                }
+                anyhow::bail!(
+                    "{} generated file(s) out of date; run `cargo xtask gen` and commit",
+                    drift.len()
+                );
+            }
+            println!("generated files are up to date");
+        }
+        Command::OlmValidate { dir } => {
+            let dir = if dir.is_relative() {
+                std::env::current_dir()?.join(dir)
+            } else {
+                dir
+            };
+            let report = xtask::bundle::check_bundle(&dir, &xtask::shared_dir())?;
+            for note in &report.notes {
+                println!("note: {note}");
+            }
+            if !report.problems.is_empty() {
+                for p in &report.problems {
+                    eprintln!("problem: {p}");
+                }
+                anyhow::bail!(
+                    "bundle {} has {} problem(s)",
+                    dir.display(),
+                    report.problems.len()
+                );
+            }
+            println!("bundle {} is valid ({})", dir.display(), report.summary);
+        }
+    }
+    Ok(())
 }

@@ -1,0 +1,53 @@
+//! Meshlet's generators and checks for committed artifacts (`cargo xtask ...`).
+//!
+//! ```text
+//!  meshlet_crds::all_crds() ─┐
+//!  rbac (permission table) ──┼─► generate::generate() ─► Tree ─┬─► gen:    write into the repo
+//!  examples/*.yaml ──────────┘     manifests:: + olm::         └─► verify: diff against the repo
+//!
+//!  olm-validate DIR ─► bundle::check_bundle() ─► problems (CSV schema, owned CRDs,
+//!                                                 alm-examples, install modes, annotations)
+//! ```
+
+pub mod bundle;
+pub mod generate;
+pub mod manifests;
+pub mod olm;
+pub mod rbac;
+pub mod schema;
+pub mod yaml;
+
+use std::path::PathBuf;
+
+/// Version of the operator and agent, used in image tags and the CSV.
+pub const VERSION: &str = "0.1.0";
+/// Container image registry path of the operator (tag is [`VERSION`]).
+pub const OPERATOR_IMAGE_REPO: &str = "ghcr.io/meshlet-io/meshlet-operator";
+/// Container image registry path of the agent (tag is [`VERSION`]).
+pub const AGENT_IMAGE_REPO: &str = "ghcr.io/meshlet-io/meshlet-agent";
+/// Environment variable that overrides where the shared reference data lives.
+pub const SHARED_DIR_ENV: &str = "MESHLET_SHARED_DIR";
+
+/// Full operator image reference.
+pub fn operator_image() -> String {
+    format!("{OPERATOR_IMAGE_REPO}:v{VERSION}")
+}
+
+/// Full agent image reference.
+pub fn agent_image() -> String {
+    format!("{AGENT_IMAGE_REPO}:v{VERSION}")
+}
+
+/// Root of the workspace (two levels above this crate).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Directory with shared reference data (OLM's CSV schema and its valid test bundle):
+/// `$MESHLET_SHARED_DIR` when set, else `shared/` beside the workspace root.
+pub fn shared_dir() -> PathBuf {
+    match std::env::var_os(SHARED_DIR_ENV) {
+        Some(dir) => PathBuf::from(dir),
+        None => workspace_root().join("../shared"),
+    }
+}

@@ -1,0 +1,373 @@
+//! The kustomize base in `manifests/`: CRDs, namespace, ServiceAccounts, RBAC, and the
+//! operator Deployment.
+//!
+//! ```text
+//!  all_crds() ─► crds/<name>.yaml
+//!  rbac table ─► rbac/{operator,agent}-*.yaml
+//!  constants  ─► namespace.yaml, operator/deployment.yaml
+//!                          └──► kustomization.yaml lists them all
+//! ```
+//!
+//! The objects are built with the typed `k8s-openapi` structs, so the compiler catches
+//! misspelled fields; the same builders feed the OLM bundle ([`crate::olm`]).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, Namespace,
+    ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+    SeccompProfile, SecurityContext, ServiceAccount,
+};
+use k8s_openapi::api::rbac::v1::{
+    ClusterRole, ClusterRoleBinding, Role, RoleBinding, RoleRef, Subject,
+};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde_json::json;
+
+use crate::rbac::{self, AGENT_NAME, IPSEC_KEY_SECRET, NAMESPACE, OPERATOR_NAME};
+use crate::yaml;
+
+/// Port of the operator's `/healthz` and `/readyz` endpoints.
+pub const OPERATOR_HEALTH_PORT: i32 = 8081;
+/// Port of the operator's Prometheus metrics.
+pub const OPERATOR_METRICS_PORT: i32 = 8080;
+
+/// Labels every Meshlet object carries.
+pub fn common_labels(component: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_owned(), "meshlet".to_owned()),
+        (
+            "app.kubernetes.io/component".to_owned(),
+            component.to_owned(),
+        ),
+        ("app.kubernetes.io/part-of".to_owned(), "meshlet".to_owned()),
+        (
+            "app.kubernetes.io/version".to_owned(),
+            crate::VERSION.to_owned(),
+        ),
+    ])
+}
+
+fn meta(name: &str, namespace: Option<&str>, component: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_owned()),
+        namespace: namespace.map(str::to_owned),
+        labels: Some(common_labels(component)),
+        ..ObjectMeta::default()
+    }
+}
+
+fn sa_subject(name: &str) -> Subject {
+    Subject {
+        kind: "ServiceAccount".to_owned(),
+        name: name.to_owned(),
+        namespace: Some(NAMESPACE.to_owned()),
+        api_group: None,
+    }
+}
+
+fn role_ref(kind: &str, name: &str) -> RoleRef {
+    RoleRef {
+        api_group: Some("rbac.authorization.k8s.io".to_owned()),
+        kind: kind.to_owned(),
+        name: name.to_owned(),
+    }
+}
+
+/// The operator's ClusterRole, from [`rbac::OPERATOR_CLUSTER_RULES`].
+pub fn operator_cluster_role() -> ClusterRole {
+    ClusterRole {
+        metadata: meta(OPERATOR_NAME, None, "operator"),
+        rules: Some(rbac::rules(rbac::OPERATOR_CLUSTER_RULES)),
+        aggregation_rule: None,
+    }
+}
+
+/// The operator's Role in [`NAMESPACE`], from [`rbac::OPERATOR_NAMESPACE_RULES`].
+pub fn operator_role() -> Role {
+    Role {
+        metadata: meta(OPERATOR_NAME, Some(NAMESPACE), "operator"),
+        rules: Some(rbac::rules(rbac::OPERATOR_NAMESPACE_RULES)),
+    }
+}
+
+/// The agent's ClusterRole, from [`rbac::AGENT_CLUSTER_RULES`].
+pub fn agent_cluster_role() -> ClusterRole {
+    ClusterRole {
+        metadata: meta(AGENT_NAME, None, "agent"),
+        rules: Some(rbac::rules(rbac::AGENT_CLUSTER_RULES)),
+        aggregation_rule: None,
+    }
+}
+
+/// The agent's Role that reads only the IPsec key Secret.
+pub fn agent_role() -> Role {
+    Role {
+        metadata: meta(AGENT_NAME, Some(NAMESPACE), "agent"),
+        rules: Some(rbac::agent_key_secret_rules(IPSEC_KEY_SECRET)),
+    }
+}
+
+fn cluster_role_binding(name: &str, component: &str) -> ClusterRoleBinding {
+    ClusterRoleBinding {
+        metadata: meta(name, None, component),
+        role_ref: role_ref("ClusterRole", name),
+        subjects: Some(vec![sa_subject(name)]),
+    }
+}
+
+fn role_binding(name: &str, component: &str) -> RoleBinding {
+    RoleBinding {
+        metadata: meta(name, Some(NAMESPACE), component),
+        role_ref: role_ref("Role", name),
+        subjects: Some(vec![sa_subject(name)]),
+    }
+}
+
+fn service_account(name: &str, component: &str) -> ServiceAccount {
+    ServiceAccount {
+        metadata: meta(name, Some(NAMESPACE), component),
+        ..ServiceAccount::default()
+    }
+}
+
+fn selector_labels() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_owned(), "meshlet".to_owned()),
+        (
+            "app.kubernetes.io/component".to_owned(),
+            "operator".to_owned(),
+        ),
+    ])
+}
+
+fn probe(path: &str, initial_delay: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::String("health".to_owned()),
+            ..HTTPGetAction::default()
+        }),
+        initial_delay_seconds: Some(initial_delay),
+        period_seconds: Some(10),
+        timeout_seconds: Some(2),
+        failure_threshold: Some(3),
+        ..Probe::default()
+    }
+}
+
+fn env_field(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.to_owned(),
+                api_version: None,
+            }),
+            ..EnvVarSource::default()
+        }),
+        value: None,
+    }
+}
+
+/// The operator Deployment's spec (shared with the CSV install strategy).
+pub fn operator_deployment_spec() -> DeploymentSpec {
+    let container = Container {
+        name: "operator".to_owned(),
+        image: Some(crate::operator_image()),
+        image_pull_policy: Some("IfNotPresent".to_owned()),
+        env: Some(vec![
+            env_field("POD_NAMESPACE", "metadata.namespace"),
+            env_field("POD_NAME", "metadata.name"),
+            EnvVar {
+                name: "MESHLET_AGENT_IMAGE".to_owned(),
+                value: Some(crate::agent_image()),
+                value_from: None,
+            },
+        ]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("health".to_owned()),
+                container_port: OPERATOR_HEALTH_PORT,
+                protocol: Some("TCP".to_owned()),
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some("metrics".to_owned()),
+                container_port: OPERATOR_METRICS_PORT,
+                protocol: Some("TCP".to_owned()),
+                ..ContainerPort::default()
+            },
+        ]),
+        liveness_probe: Some(probe("/healthz", 15)),
+        readiness_probe: Some(probe("/readyz", 5)),
+        resources: Some(ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".to_owned(), Quantity("100m".to_owned())),
+                ("memory".to_owned(), Quantity("128Mi".to_owned())),
+            ])),
+            limits: Some(BTreeMap::from([(
+                "memory".to_owned(),
+                Quantity("512Mi".to_owned()),
+            )])),
+            ..ResourceRequirements::default()
+        }),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_owned()]),
+                add: None,
+            }),
+            ..SecurityContext::default()
+        }),
+        termination_message_policy: Some("FallbackToLogsOnError".to_owned()),
+        ..Container::default()
+    };
+    let mut pod_labels = common_labels("operator");
+    pod_labels.extend(selector_labels());
+    DeploymentSpec {
+        replicas: Some(1),
+        selector: LabelSelector {
+            match_labels: Some(selector_labels()),
+            match_expressions: None,
+        },
+        strategy: Some(DeploymentStrategy {
+            type_: Some("Recreate".to_owned()),
+            rolling_update: None,
+        }),
+        template: PodTemplateSpec {
+            metadata: Some(ObjectMeta {
+                labels: Some(pod_labels),
+                annotations: Some(BTreeMap::from([(
+                    "kubectl.kubernetes.io/default-container".to_owned(),
+                    "operator".to_owned(),
+                )])),
+                ..ObjectMeta::default()
+            }),
+            spec: Some(PodSpec {
+                service_account_name: Some(OPERATOR_NAME.to_owned()),
+                containers: vec![container],
+                security_context: Some(PodSecurityContext {
+                    run_as_non_root: Some(true),
+                    run_as_user: Some(65532),
+                    run_as_group: Some(65532),
+                    seccomp_profile: Some(SeccompProfile {
+                        type_: "RuntimeDefault".to_owned(),
+                        localhost_profile: None,
+                    }),
+                    ..PodSecurityContext::default()
+                }),
+                termination_grace_period_seconds: Some(30),
+                ..PodSpec::default()
+            }),
+        },
+        ..DeploymentSpec::default()
+    }
+}
+
+/// The operator Deployment.
+pub fn operator_deployment() -> Deployment {
+    Deployment {
+        metadata: meta(OPERATOR_NAME, Some(NAMESPACE), "operator"),
+        spec: operator_deployment_spec(),
+        status: None,
+    }
+}
+
+/// File name of a CRD manifest: `<plural>.<group>.yaml`.
+pub fn crd_file_name(crd: &CustomResourceDefinition) -> String {
+    format!("{}.yaml", crd.metadata.name.as_deref().unwrap_or("unnamed"))
+}
+
+/// Renders every file of the kustomize base, keyed by path relative to `manifests/`.
+pub fn render(crds: &[CustomResourceDefinition]) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut files = BTreeMap::new();
+    for crd in crds {
+        files.insert(format!("crds/{}", crd_file_name(crd)), yaml::render(crd)?);
+    }
+    let namespace = Namespace {
+        metadata: ObjectMeta {
+            name: Some(NAMESPACE.to_owned()),
+            labels: Some({
+                let mut l = common_labels("namespace");
+                // The agent pods are privileged (eBPF, hostNetwork).
+                l.insert(
+                    "pod-security.kubernetes.io/enforce".to_owned(),
+                    "privileged".to_owned(),
+                );
+                l
+            }),
+            ..ObjectMeta::default()
+        },
+        ..Namespace::default()
+    };
+    files.insert("namespace.yaml".to_owned(), yaml::render(&namespace)?);
+    files.insert(
+        "rbac/operator-serviceaccount.yaml".to_owned(),
+        yaml::render(&service_account(OPERATOR_NAME, "operator"))?,
+    );
+    files.insert(
+        "rbac/operator-clusterrole.yaml".to_owned(),
+        yaml::render(&operator_cluster_role())?,
+    );
+    files.insert(
+        "rbac/operator-clusterrolebinding.yaml".to_owned(),
+        yaml::render(&cluster_role_binding(OPERATOR_NAME, "operator"))?,
+    );
+    files.insert(
+        "rbac/operator-role.yaml".to_owned(),
+        yaml::render(&operator_role())?,
+    );
+    files.insert(
+        "rbac/operator-rolebinding.yaml".to_owned(),
+        yaml::render(&role_binding(OPERATOR_NAME, "operator"))?,
+    );
+    files.insert(
+        "rbac/agent-serviceaccount.yaml".to_owned(),
+        yaml::render(&service_account(AGENT_NAME, "agent"))?,
+    );
+    files.insert(
+        "rbac/agent-clusterrole.yaml".to_owned(),
+        yaml::render(&agent_cluster_role())?,
+    );
+    files.insert(
+        "rbac/agent-clusterrolebinding.yaml".to_owned(),
+        yaml::render(&cluster_role_binding(AGENT_NAME, "agent"))?,
+    );
+    files.insert(
+        "rbac/agent-role.yaml".to_owned(),
+        yaml::render(&agent_role())?,
+    );
+    files.insert(
+        "rbac/agent-rolebinding.yaml".to_owned(),
+        yaml::render(&role_binding(AGENT_NAME, "agent"))?,
+    );
+    files.insert(
+        "operator/deployment.yaml".to_owned(),
+        yaml::render(&operator_deployment())?,
+    );
+    // Namespace first so `kubectl apply -k` creates it before namespaced objects.
+    let mut resources = vec!["namespace.yaml".to_owned()];
+    resources.extend(
+        files
+            .keys()
+            .filter(|k| k.as_str() != "namespace.yaml")
+            .cloned(),
+    );
+    let kustomization = json!({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": resources,
+    });
+    files.insert(
+        "kustomization.yaml".to_owned(),
+        yaml::render(&kustomization)?,
+    );
+    Ok(files)
+}

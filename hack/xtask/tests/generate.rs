@@ -1,0 +1,110 @@
+//! `cargo xtask gen` output: drift detection, determinism and the committed tree.
+
+use std::path::Path;
+
+use xtask::generate::{self, Drift};
+
+/// A throwaway "repository" holding the generated tree and a copy of `examples/`.
+fn scratch_repo() -> tempfile::TempDir {
+    let root = xtask::workspace_root();
+    let temp = tempfile::tempdir().expect("tempdir");
+    let tree = generate::generate(&root).expect("generate");
+    generate::write(&tree, temp.path()).expect("write");
+    let examples = root.join("examples");
+    std::fs::create_dir_all(temp.path().join("examples")).expect("mkdir");
+    if examples.is_dir() {
+        for entry in std::fs::read_dir(&examples).expect("list") {
+            let path = entry.expect("entry").path();
+            if path.is_file() {
+                std::fs::copy(
+                    &path,
+                    temp.path()
+                        .join("examples")
+                        .join(path.file_name().expect("name")),
+                )
+                .expect("copy");
+            }
+        }
+    }
+    temp
+}
+
+#[test]
+fn generation_is_deterministic() {
+    let root = xtask::workspace_root();
+    let a = generate::generate(&root).expect("generate");
+    let b = generate::generate(&root).expect("generate");
+    assert_eq!(a, b);
+}
+
+#[test]
+fn committed_generated_files_are_up_to_date() {
+    let drift = generate::verify(&xtask::workspace_root()).expect("verify runs");
+    let lines: Vec<String> = drift.iter().map(ToString::to_string).collect();
+    assert!(drift.is_empty(), "run `cargo xtask gen`: {lines:#?}");
+}
+
+#[test]
+fn verify_detects_a_modified_a_missing_and_a_stale_generated_file() {
+    let repo = scratch_repo();
+    let root = repo.path();
+    assert_eq!(generate::verify(root).expect("verify"), Vec::<Drift>::new());
+
+    let deployment = Path::new("manifests/operator/deployment.yaml");
+    let text = std::fs::read_to_string(root.join(deployment)).expect("read");
+    std::fs::write(
+        root.join(deployment),
+        text.replace("replicas: 1", "replicas: 3"),
+    )
+    .expect("write");
+    let annotations = Path::new("olm/metadata/annotations.yaml");
+    std::fs::remove_file(root.join(annotations)).expect("remove");
+    let stale = Path::new("manifests/rbac/old-role.yaml");
+    std::fs::write(root.join(stale), "kind: Role\n").expect("write");
+
+    let drift = generate::verify(root).expect("verify");
+    assert!(
+        drift
+            .iter()
+            .any(|d| matches!(d, Drift::Changed { path, .. } if path == deployment)),
+        "{drift:?}"
+    );
+    assert!(
+        drift.contains(&Drift::Missing(annotations.to_path_buf())),
+        "{drift:?}"
+    );
+    assert!(
+        drift.contains(&Drift::Extra(stale.to_path_buf())),
+        "{drift:?}"
+    );
+    assert_eq!(drift.len(), 3, "{drift:?}");
+}
+
+#[test]
+fn gen_removes_stale_files_and_restores_edited_ones() {
+    let repo = scratch_repo();
+    let root = repo.path();
+    let stale = root.join("olm/manifests/removed.yaml");
+    std::fs::write(&stale, "kind: Gone\n").expect("write");
+    std::fs::write(root.join("olm/bundle.Dockerfile"), "FROM busybox\n").expect("write");
+    let tree = generate::generate(root).expect("generate");
+    generate::write(&tree, root).expect("write");
+    assert!(!stale.exists());
+    assert!(generate::verify(root).expect("verify").is_empty());
+}
+
+#[test]
+fn every_generated_yaml_file_starts_with_the_generated_header_and_parses() {
+    let tree = generate::generate(&xtask::workspace_root()).expect("generate");
+    for (path, text) in &tree {
+        assert!(
+            text.starts_with(xtask::yaml::HEADER),
+            "{} lacks the header",
+            path.display()
+        );
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let docs = xtask::yaml::parse_all(text).expect("parses");
+            assert_eq!(docs.len(), 1, "{}", path.display());
+        }
+    }
+}

@@ -193,6 +193,7 @@ pub fn check_bundle_with(dir: &Path, csv_crd: &Value) -> anyhow::Result<Report> 
     let examples = check_alm_examples(&mut report, &csv_file, csv, &crds)?;
     if registry_v1 {
         check_annotations(&mut report, dir);
+        check_dockerfile(&mut report, dir);
     }
     report.summary = format!(
         "{} layout, CSV {}, {} CRD file(s), {} owned CRD(s), {} alm-example(s)",
@@ -493,5 +494,39 @@ fn check_annotations(report: &mut Report, dir: &Path) {
             "metadata/annotations.yaml: default channel {default:?} is not one of the \
              channels {channels:?}"
         ));
+    }
+}
+
+/// When the bundle has a `bundle.Dockerfile`, its `LABEL`s must repeat the annotations, since
+/// the image labels are what a catalog reads.
+fn check_dockerfile(report: &mut Report, dir: &Path) {
+    let Ok(text) = std::fs::read_to_string(dir.join("bundle.Dockerfile")) else {
+        return;
+    };
+    let Ok(doc) = std::fs::read_to_string(dir.join("metadata/annotations.yaml"))
+        .map_err(anyhow::Error::from)
+        .and_then(|t| yaml::parse::<Value>(&t))
+    else {
+        return;
+    };
+    let labels: BTreeMap<&str, &str> = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("LABEL "))
+        .filter_map(|l| l.trim().split_once('='))
+        .collect();
+    let Some(annotations) = doc["annotations"].as_object() else {
+        return;
+    };
+    for (key, value) in annotations {
+        let value = value.as_str().unwrap_or("");
+        match labels.get(key.as_str()) {
+            Some(label) if *label == value => {}
+            Some(label) => report.problems.push(format!(
+                "bundle.Dockerfile: LABEL {key}={label} differs from annotations.yaml ({value})"
+            )),
+            None => report.problems.push(format!(
+                "bundle.Dockerfile: LABEL {key} is missing (annotations.yaml has it)"
+            )),
+        }
     }
 }

@@ -277,3 +277,17 @@ fn a_registry_bundle_without_annotations_is_rejected() {
     std::fs::remove_file(dir.join("metadata/annotations.yaml")).expect("remove");
     assert_rejected_naming(&check(&dir), &["metadata/annotations.yaml"]);
 }
+
+#[test]
+fn a_dockerfile_label_that_disagrees_with_the_annotations_is_rejected() {
+    let (_temp, dir) = our_bundle();
+    let path = dir.join("bundle.Dockerfile");
+    let text = std::fs::read_to_string(&path).expect("read");
+    assert!(text.contains("package.v1=meshlet-operator"));
+    std::fs::write(
+        &path,
+        text.replace("package.v1=meshlet-operator", "package.v1=other"),
+    )
+    .expect("write");
+    assert_rejected_naming(&check(&dir), &["bundle.Dockerfile", "package.v1"]);
+}

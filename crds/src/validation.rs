@@ -1,0 +1,1 @@
+//! Schema validation engine (placeholder until the engine lands).

@@ -9,10 +9,19 @@
 //! Everything is pinned under `bpffs_root` (`maps/`, `links/`, `meta`); nothing is torn down on
 //! drop, only [`reset`] detaches and unpins.
 
-use std::path::PathBuf;
-use std::time::Duration;
+pub mod layout;
+pub mod loader;
+pub mod sys;
+pub mod tables;
 
-use crate::model::DesiredState;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::model::{Backend, DesiredState, ServiceKey};
+use loader::{NodeLock, Paths};
+use sys::RawMap;
+use tables::{Index, Installed};
 
 /// Data-plane configuration chosen by the agent's flags.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -239,60 +248,556 @@ pub enum DataplaneError {
 
 /// Read-only: what would start-up do with the state currently pinned (no lock taken, nothing changed).
 pub fn preflight(cfg: &DataplaneConfig) -> Result<StartupDecision, DataplaneError> {
-    let _ = cfg;
-    Err(DataplaneError::InvalidState("not implemented yet".into()))
+    if !loader::layout_known(cfg.layout) {
+        return Err(DataplaneError::UnsupportedLayout { layout: cfg.layout });
+    }
+    let paths = Paths {
+        root: cfg.bpffs_root.clone(),
+    };
+    Ok(layout::decide(&loader::gather(&paths)?, cfg.layout))
+}
+
+/// Open handles on the pinned service maps.
+#[derive(Debug)]
+struct Maps {
+    frontend: RawMap,
+    service: RawMap,
+    endpoint: RawMap,
+    backend: RawMap,
+    counters: RawMap,
+}
+
+impl Maps {
+    fn open(paths: &Paths) -> Result<Self, DataplaneError> {
+        Ok(Self {
+            frontend: loader::open_map(paths, "frontend")?,
+            service: loader::open_map(paths, "service")?,
+            endpoint: loader::open_map(paths, "endpoint")?,
+            backend: loader::open_map(paths, "backend")?,
+            counters: loader::open_map(paths, "counters")?,
+        })
+    }
+}
+
+fn syscall(cmd: &'static str, object: &str) -> impl FnOnce(std::io::Error) -> DataplaneError {
+    let object = object.to_owned();
+    move |source| DataplaneError::Syscall {
+        cmd,
+        object,
+        source,
+    }
 }
 
 /// A loaded, attached data plane. Dropping it leaves everything attached and pinned.
 #[derive(Debug)]
 pub struct Dataplane {
     cfg: DataplaneConfig,
+    paths: Paths,
+    maps: Maps,
+    index: Index,
+    _lock: NodeLock,
 }
 
 impl Dataplane {
     /// Take the node lock, decide, then adopt/migrate/load+attach. Unknown layout →
     /// `Err(DataplaneError::UnknownLayout{..})` with nothing changed.
     pub fn start(cfg: DataplaneConfig) -> Result<(Dataplane, StartReport), DataplaneError> {
-        let _ = cfg;
-        Err(DataplaneError::InvalidState("not implemented yet".into()))
+        if !loader::layout_known(cfg.layout) {
+            return Err(DataplaneError::UnsupportedLayout { layout: cfg.layout });
+        }
+        let started = Instant::now();
+        let lock = NodeLock::acquire(&cfg.lock_path)?;
+        let paths = Paths {
+            root: cfg.bpffs_root.clone(),
+        };
+        let decision = layout::decide(&loader::gather(&paths)?, cfg.layout);
+        let before = loader::link_ids(&paths);
+        let kind = match decision {
+            StartupDecision::Unknown { found, reason } => {
+                return Err(DataplaneError::UnknownLayout { found, reason });
+            }
+            StartupDecision::Fresh => {
+                loader::fresh(&cfg, &paths)?;
+                RestartKind::Fresh
+            }
+            StartupDecision::SameLayout { .. } => {
+                loader::adopt(&cfg, &paths)?;
+                RestartKind::Warm
+            }
+            StartupDecision::Migrate { from, to } => {
+                loader::migrate(&cfg, &paths, from, to)?;
+                RestartKind::Migrated
+            }
+        };
+        let after = loader::link_ids(&paths);
+        let link_ids_unchanged = before
+            .iter()
+            .zip(&after)
+            .all(|((_, old, _), (_, new, _))| *old == 0 || old == new);
+        let maps = Maps::open(&paths)?;
+        let mut dp = Dataplane {
+            cfg,
+            paths,
+            maps,
+            index: Index::default(),
+            _lock: lock,
+        };
+        dp.rebuild_index()?;
+        let report = StartReport {
+            kind,
+            duration: started.elapsed(),
+            link_ids_unchanged,
+        };
+        Ok((dp, report))
+    }
+
+    /// Reads the maps into the index (service ids, backend ids, backends).
+    fn rebuild_index(&mut self) -> Result<(), DataplaneError> {
+        let layout = self.cfg.layout;
+        let mut index = Index::default();
+        let mut svc = [0u8; 8];
+        let mut fe = [0u8; 4];
+        let mut ep = vec![0u8; tables::endpoint_value_size(layout)];
+        let mut be = vec![0u8; tables::backend_value_size(layout)];
+        let keys = self
+            .maps
+            .frontend
+            .keys()
+            .map_err(syscall("BPF_MAP_GET_NEXT_KEY", "frontend"))?;
+        for key in keys {
+            let Some(service) = tables::decode_frontend_key(&key) else {
+                return Err(DataplaneError::Corrupt {
+                    map: "frontend",
+                    detail: format!("undecodable key {key:?}"),
+                });
+            };
+            if !self
+                .maps
+                .frontend
+                .lookup(&key, &mut fe)
+                .map_err(syscall("BPF_MAP_LOOKUP_ELEM", "frontend"))?
+            {
+                continue;
+            }
+            let service_id = u32::from_ne_bytes(fe);
+            let found = self
+                .maps
+                .service
+                .lookup(&service_id.to_ne_bytes(), &mut svc)
+                .map_err(syscall("BPF_MAP_LOOKUP_ELEM", "service"))?;
+            if !found {
+                return Err(DataplaneError::Corrupt {
+                    map: "service",
+                    detail: format!("service id {service_id} missing"),
+                });
+            }
+            let (count, _) = tables::decode_service_value(&svc);
+            let mut installed = Installed {
+                service_id,
+                backend_ids: Vec::new(),
+                backends: Vec::new(),
+            };
+            for i in 0..count {
+                let found = self
+                    .maps
+                    .endpoint
+                    .lookup(&tables::endpoint_key(service_id, i), &mut ep)
+                    .map_err(syscall("BPF_MAP_LOOKUP_ELEM", "endpoint"))?;
+                if !found {
+                    return Err(DataplaneError::Corrupt {
+                        map: "endpoint",
+                        detail: format!("{service_id}/{i} missing"),
+                    });
+                }
+                let backend_id = tables::decode_endpoint_backend(&ep);
+                let found = self
+                    .maps
+                    .backend
+                    .lookup(&backend_id.to_ne_bytes(), &mut be)
+                    .map_err(syscall("BPF_MAP_LOOKUP_ELEM", "backend"))?;
+                if !found {
+                    return Err(DataplaneError::Corrupt {
+                        map: "backend",
+                        detail: format!("backend {backend_id} missing"),
+                    });
+                }
+                installed.backend_ids.push(backend_id);
+                installed.backends.push(tables::decode_backend_value(
+                    layout,
+                    &be,
+                    tables::family(&service),
+                ));
+                index.backend_ids.mark(backend_id);
+            }
+            index.service_ids.mark(service_id);
+            index.services.insert(service, installed);
+        }
+        self.index = index;
+        self.collect_orphans()?;
+        Ok(())
+    }
+
+    /// Deletes service, endpoint and backend entries no frontend reaches (left by an apply
+    /// that was interrupted).
+    fn collect_orphans(&mut self) -> Result<(), DataplaneError> {
+        let live_services: std::collections::HashSet<u32> =
+            self.index.services.values().map(|s| s.service_id).collect();
+        let live_backends: std::collections::HashSet<u32> = self
+            .index
+            .services
+            .values()
+            .flat_map(|s| s.backend_ids.iter().copied())
+            .collect();
+        for key in self
+            .maps
+            .service
+            .keys()
+            .map_err(syscall("BPF_MAP_GET_NEXT_KEY", "service"))?
+        {
+            if !live_services.contains(&u32::from_ne_bytes([key[0], key[1], key[2], key[3]])) {
+                self.maps
+                    .service
+                    .delete(&key)
+                    .map_err(syscall("BPF_MAP_DELETE_ELEM", "service"))?;
+            }
+        }
+        for key in self
+            .maps
+            .endpoint
+            .keys()
+            .map_err(syscall("BPF_MAP_GET_NEXT_KEY", "endpoint"))?
+        {
+            if !live_services.contains(&tables::decode_endpoint_key(&key).0) {
+                self.maps
+                    .endpoint
+                    .delete(&key)
+                    .map_err(syscall("BPF_MAP_DELETE_ELEM", "endpoint"))?;
+            }
+        }
+        for key in self
+            .maps
+            .backend
+            .keys()
+            .map_err(syscall("BPF_MAP_GET_NEXT_KEY", "backend"))?
+        {
+            if !live_backends.contains(&u32::from_ne_bytes([key[0], key[1], key[2], key[3]])) {
+                self.maps
+                    .backend
+                    .delete(&key)
+                    .map_err(syscall("BPF_MAP_DELETE_ELEM", "backend"))?;
+            }
+        }
+        Ok(())
     }
 
     /// Read the current service table back from the maps (used to rebuild the index after restart).
     pub fn observed(&self) -> Result<DesiredState, DataplaneError> {
-        Ok(DesiredState::default())
+        let services: BTreeMap<ServiceKey, Vec<Backend>> = self
+            .index
+            .services
+            .iter()
+            .map(|(k, v)| (*k, v.backends.clone()))
+            .collect();
+        Ok(DesiredState { services })
+    }
+
+    /// Normalises a desired backend list to what this layout stores, checking it.
+    fn stored_form(
+        &self,
+        key: &ServiceKey,
+        backends: &[Backend],
+    ) -> Result<Vec<Backend>, DataplaneError> {
+        let mut out = Vec::with_capacity(backends.len());
+        for b in backends {
+            if b.addr.is_ipv4() != key.vip.is_ipv4() {
+                return Err(DataplaneError::InvalidState(format!(
+                    "service {}:{} has backend {} of the other address family",
+                    key.vip, key.port, b.addr
+                )));
+            }
+            if b.weight == 0 {
+                return Err(DataplaneError::InvalidState(format!(
+                    "service {}:{} backend {}:{} has weight 0; weights are 1..=65535",
+                    key.vip, key.port, b.addr, b.port
+                )));
+            }
+            let weight = if self.cfg.layout == 1 { 1 } else { b.weight };
+            out.push(Backend { weight, ..*b });
+        }
+        Ok(out)
     }
 
     /// Make the maps equal `desired`: diff against observed, batched updates/deletes; stale
     /// entries removed. Backends and endpoints are written before the frontend, frontends
     /// deleted first, so no frontend ever points at a half-written service.
     pub fn apply(&mut self, desired: &DesiredState) -> Result<ApplyStats, DataplaneError> {
-        let _ = desired;
-        Ok(ApplyStats::default())
+        let started = Instant::now();
+        let layout = self.cfg.layout;
+        let mut changed: Vec<(ServiceKey, Vec<Backend>)> = Vec::new();
+        for (key, backends) in &desired.services {
+            let stored = self.stored_form(key, backends)?;
+            if self.index.services.get(key).map(|i| &i.backends) != Some(&stored) {
+                changed.push((*key, stored));
+            }
+        }
+        let removed: Vec<ServiceKey> = self
+            .index
+            .services
+            .keys()
+            .filter(|k| !desired.services.contains_key(k))
+            .copied()
+            .collect();
+        let new_endpoints: usize = changed.iter().map(|(_, b)| b.len()).sum();
+        let kept_endpoints: usize = self.index.services.values().map(|s| s.backends.len()).sum();
+        let endpoint_cap = u64::from(self.maps.backend.facts.max_entries);
+        if (kept_endpoints + new_endpoints) as u64 > endpoint_cap {
+            return Err(DataplaneError::MapFull {
+                map: "backend",
+                capacity: endpoint_cap,
+            });
+        }
+        let frontend_cap = u64::from(self.maps.frontend.facts.max_entries);
+        if desired.services.len() as u64 > frontend_cap {
+            return Err(DataplaneError::MapFull {
+                map: "frontend",
+                capacity: frontend_cap,
+            });
+        }
+
+        // 1. New service ids with their backends, endpoints and service entries.
+        let (mut be_keys, mut be_vals, mut ep_keys, mut ep_vals, mut sv_keys, mut sv_vals) = (
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        );
+        let mut fe_keys = Vec::new();
+        let mut fe_vals = Vec::new();
+        let mut fresh: Vec<(ServiceKey, Installed)> = Vec::with_capacity(changed.len());
+        for (key, backends) in changed {
+            let service_id = self.index.service_ids.alloc();
+            let mut ids = Vec::with_capacity(backends.len());
+            let mut cum = 0u32;
+            for (i, b) in backends.iter().enumerate() {
+                let id = self.index.backend_ids.alloc();
+                ids.push(id);
+                cum = cum.saturating_add(u32::from(b.weight));
+                be_keys.extend_from_slice(&id.to_ne_bytes());
+                be_vals.extend_from_slice(&tables::backend_value(layout, b));
+                ep_keys.extend_from_slice(&tables::endpoint_key(service_id, i as u32));
+                ep_vals.extend_from_slice(&tables::endpoint_value(layout, id, cum));
+            }
+            sv_keys.extend_from_slice(&service_id.to_ne_bytes());
+            sv_vals.extend_from_slice(&tables::service_value(backends.len() as u32, cum));
+            fe_keys.extend_from_slice(&tables::frontend_key(&key));
+            fe_vals.extend_from_slice(&service_id.to_ne_bytes());
+            fresh.push((
+                key,
+                Installed {
+                    service_id,
+                    backend_ids: ids,
+                    backends,
+                },
+            ));
+        }
+        let backends_written = be_keys.len() / 4;
+        let n = fresh.len();
+        self.maps
+            .backend
+            .update_batch(&be_keys, &be_vals, backends_written)
+            .map_err(syscall("BPF_MAP_UPDATE_BATCH", "backend"))?;
+        self.maps
+            .endpoint
+            .update_batch(&ep_keys, &ep_vals, backends_written)
+            .map_err(syscall("BPF_MAP_UPDATE_BATCH", "endpoint"))?;
+        self.maps
+            .service
+            .update_batch(&sv_keys, &sv_vals, n)
+            .map_err(syscall("BPF_MAP_UPDATE_BATCH", "service"))?;
+        // 2. Frontends switch to the complete new services.
+        self.maps
+            .frontend
+            .update_batch(&fe_keys, &fe_vals, n)
+            .map_err(syscall("BPF_MAP_UPDATE_BATCH", "frontend"))?;
+        // 3. Frontends of removed services go first, then everything they reached.
+        let mut gone_fe = Vec::new();
+        for key in &removed {
+            gone_fe.extend_from_slice(&tables::frontend_key(key));
+        }
+        self.delete_keys(MapName::Frontend, &gone_fe, removed.len())?;
+        let mut retired: Vec<Installed> = removed
+            .iter()
+            .filter_map(|k| self.index.services.remove(k))
+            .collect();
+        let services_upserted = fresh.len();
+        for (key, installed) in fresh {
+            if let Some(old) = self.index.services.insert(key, installed) {
+                retired.push(old);
+            }
+        }
+        let (mut sv, mut ep, mut be) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut ns, mut nb) = (0usize, 0usize);
+        for old in &retired {
+            sv.extend_from_slice(&old.service_id.to_ne_bytes());
+            ns += 1;
+            for (i, id) in old.backend_ids.iter().enumerate() {
+                ep.extend_from_slice(&tables::endpoint_key(old.service_id, i as u32));
+                be.extend_from_slice(&id.to_ne_bytes());
+                nb += 1;
+            }
+        }
+        self.delete_keys(MapName::Service, &sv, ns)?;
+        self.delete_keys(MapName::Endpoint, &ep, nb)?;
+        self.delete_keys(MapName::Backend, &be, nb)?;
+        for old in retired {
+            self.index.service_ids.free(old.service_id);
+            for id in old.backend_ids {
+                self.index.backend_ids.free(id);
+            }
+        }
+        Ok(ApplyStats {
+            services_upserted,
+            services_removed: removed.len(),
+            backends_written,
+            duration: started.elapsed(),
+        })
+    }
+
+    fn delete_keys(&self, which: MapName, keys: &[u8], count: usize) -> Result<(), DataplaneError> {
+        let (map, name) = match which {
+            MapName::Frontend => (&self.maps.frontend, "frontend"),
+            MapName::Service => (&self.maps.service, "service"),
+            MapName::Endpoint => (&self.maps.endpoint, "endpoint"),
+            MapName::Backend => (&self.maps.backend, "backend"),
+        };
+        if map.delete_batch(keys, count).is_ok() {
+            return Ok(());
+        }
+        // A batch stops at the first missing key; finish one by one.
+        let size = map.facts.key_size as usize;
+        for key in keys.chunks(size) {
+            map.delete(key)
+                .map_err(syscall("BPF_MAP_DELETE_ELEM", name))?;
+        }
+        Ok(())
     }
 
     /// Attached programs with their kernel ids and link ids.
     pub fn programs(&self) -> Vec<ProgramInfo> {
-        Vec::new()
+        loader::link_ids(&self.paths)
+            .into_iter()
+            .map(|(name, link_id, id)| ProgramInfo {
+                attach_point: format!("cgroup/{name} on {}", self.cfg.cgroup.display()),
+                name,
+                id,
+                link_id,
+            })
+            .collect()
     }
 
     /// Pinned maps with layout, fill and capacity.
     pub fn maps(&self) -> Result<Vec<MapInfo>, DataplaneError> {
-        Ok(Vec::new())
+        let mut out = Vec::new();
+        for spec in layout::MAPS {
+            let map = loader::open_map(&self.paths, spec.pin)?;
+            let entries = if spec.pin == "counters" {
+                u64::from(map.facts.max_entries)
+            } else {
+                map.keys()
+                    .map_err(syscall("BPF_MAP_GET_NEXT_KEY", spec.pin))?
+                    .len() as u64
+            };
+            out.push(MapInfo {
+                name: spec.pin.to_owned(),
+                layout: spec.layout_for(self.cfg.layout),
+                entries,
+                capacity: u64::from(map.facts.max_entries),
+            });
+        }
+        Ok(out)
     }
 
     /// Counters summed over CPUs.
     pub fn counters(&self) -> Result<Counters, DataplaneError> {
-        Ok(Counters::default())
+        let cpus = possible_cpus()?;
+        let mut buf = vec![0u8; 8 * cpus];
+        let mut sums = [0u64; 3];
+        for (slot, sum) in sums.iter_mut().enumerate() {
+            self.maps
+                .counters
+                .lookup(&(slot as u32).to_ne_bytes(), &mut buf)
+                .map_err(syscall("BPF_MAP_LOOKUP_ELEM", "counters"))?;
+            *sum = buf
+                .chunks(8)
+                .map(|c| u64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+                .sum();
+        }
+        Ok(Counters {
+            handled: sums[0],
+            rewritten: sums[1],
+            no_backend: sums[2],
+        })
     }
 
     /// The configuration this data plane runs with.
     pub fn config(&self) -> &DataplaneConfig {
         &self.cfg
     }
+
+    /// Tear the data plane down (detach, unpin) under the lock this instance already holds.
+    pub fn teardown(self) -> Result<(), DataplaneError> {
+        loader::teardown(&self.paths);
+        check_gone(&self.paths)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum MapName {
+    Frontend,
+    Service,
+    Endpoint,
+    Backend,
+}
+
+/// Number of possible CPUs (per-CPU map value count).
+fn possible_cpus() -> Result<usize, DataplaneError> {
+    let path = std::path::Path::new("/sys/devices/system/cpu/possible");
+    let text = std::fs::read_to_string(path).map_err(|source| DataplaneError::Filesystem {
+        action: "read",
+        path: path.into(),
+        source,
+    })?;
+    let mut n = 0usize;
+    for part in text.trim().split(',') {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let (a, b) = (
+            a.parse::<usize>().unwrap_or(0),
+            b.parse::<usize>().unwrap_or(0),
+        );
+        n = n.max(b + 1).max(a + 1);
+    }
+    Ok(n.max(1))
+}
+
+fn check_gone(paths: &Paths) -> Result<(), DataplaneError> {
+    if paths.root.exists() {
+        return Err(DataplaneError::Filesystem {
+            action: "remove",
+            path: paths.root.clone(),
+            source: std::io::Error::other("pins remain after teardown"),
+        });
+    }
+    Ok(())
 }
 
 /// Tear everything down (detach, unpin). Takes the lock.
 pub fn reset(cfg: &DataplaneConfig) -> Result<(), DataplaneError> {
-    let _ = cfg;
-    Err(DataplaneError::InvalidState("not implemented yet".into()))
+    let _lock = NodeLock::acquire(&cfg.lock_path)?;
+    let paths = Paths {
+        root: cfg.bpffs_root.clone(),
+    };
+    loader::teardown(&paths);
+    check_gone(&paths)
 }

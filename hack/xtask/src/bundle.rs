@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
+use meshlet_crds::validation::SchemaValidator;
 use serde_json::Value;
 
 use crate::schema::Schema;
@@ -435,8 +436,59 @@ fn check_alm_examples(
                 }
             }
         }
+        let (problems, notes) = admit_example(&crd.value, version, example);
+        report
+            .problems
+            .extend(problems.iter().map(|p| format!("{label}: {p}")));
+        report
+            .notes
+            .extend(notes.iter().map(|n| format!("{label}: {n}")));
     }
     Ok(examples.len())
+}
+
+/// Admits `example` the way the API server would create it (pruning, defaulting, schema and
+/// CEL rules) with Meshlet's validation engine. Older CRDs without a typed v1 schema have
+/// been checked structurally above.
+///
+/// Returns `(problems, notes)`: a rule the engine cannot evaluate client-side (reported as an
+/// internal error) is a note, not a verdict on the example.
+fn admit_example(crd: &Value, version: &str, example: &Value) -> (Vec<String>, Vec<String>) {
+    let Some(schema) = crate::schema::openapi_for_crd(crd, version) else {
+        return (Vec::new(), Vec::new());
+    };
+    if crd["apiVersion"] != "apiextensions.k8s.io/v1" {
+        return (Vec::new(), Vec::new());
+    }
+    let name = crd["metadata"]["name"].as_str().unwrap_or("");
+    // The API server accepts `apiVersion`, `kind` and `metadata` at the root of every object
+    // whether or not the schema lists them; list them so the engine does too.
+    let validator =
+        match SchemaValidator::from_schema(name, crate::schema::with_object_root(schema)) {
+            Ok(v) => v,
+            Err(e) => {
+                return (
+                    vec![format!("its CRD schema does not compile: {e}")],
+                    Vec::new(),
+                );
+            }
+        };
+    let mut admitted = example.clone();
+    let mut problems = Vec::new();
+    let mut notes = Vec::new();
+    if let Err(errors) = validator.admit(&mut admitted, None) {
+        for e in errors {
+            if e.message.starts_with("Internal error") {
+                notes.push(format!("could not be checked client-side: {e}"));
+            } else {
+                problems.push(format!(
+                    "would be refused by the API server: {e} ({})",
+                    e.reason
+                ));
+            }
+        }
+    }
+    (problems, notes)
 }
 
 fn check_annotations(report: &mut Report, dir: &Path) {

@@ -238,7 +238,8 @@ pub fn owned_crd(crd: &CustomResourceDefinition) -> Value {
     })
 }
 
-/// The `alm-examples` JSON: every document of `examples/*.yaml`, in file-name order.
+/// The `alm-examples` JSON: every `meshlet.io` object in `examples/*.yaml`, in file-name
+/// order.
 pub fn alm_examples(examples_dir: &Path) -> anyhow::Result<String> {
     let mut paths = Vec::new();
     if examples_dir.is_dir() {
@@ -258,7 +259,13 @@ pub fn alm_examples(examples_dir: &Path) -> anyhow::Result<String> {
             .with_context(|| format!("failed to read {}", path.display()))?;
         let docs = yaml::parse_all(&text)
             .with_context(|| format!("failed to parse {}", path.display()))?;
-        examples.extend(docs);
+        // Only Meshlet resources are examples of owned CRDs (other files, such as the
+        // agent's standalone source, are not).
+        examples.extend(docs.into_iter().filter(|d| {
+            d["apiVersion"]
+                .as_str()
+                .is_some_and(|v| v.starts_with(&format!("{}/", meshlet_crds::GROUP)))
+        }));
     }
     Ok(serde_json::to_string_pretty(&examples)?)
 }

@@ -103,6 +103,22 @@ pub fn openapi_for_crd<'a>(crd: &'a Value, version: &str) -> Option<&'a Value> {
     from_versions.or_else(|| spec["validation"].get("openAPIV3Schema"))
 }
 
+/// Adds the fields every Kubernetes object has (`apiVersion`, `kind`, `metadata`) to a
+/// CRD's root schema, where the API server allows them implicitly.
+pub fn with_object_root(schema: &Value) -> Value {
+    let mut root = schema.clone();
+    if let Some(props) = root.get_mut("properties").and_then(Value::as_object_mut) {
+        for (name, ty) in [
+            ("apiVersion", "string"),
+            ("kind", "string"),
+            ("metadata", "object"),
+        ] {
+            props.entry(name).or_insert_with(|| json!({ "type": ty }));
+        }
+    }
+    root
+}
+
 /// Fills required scalar properties that `obj` lacks with their zero value (`""`, `false`,
 /// `0`), recording each as a JSON path in `filled`.
 ///
@@ -166,7 +182,7 @@ impl Schema {
     /// `None` when the CRD declares no schema for it.
     pub fn for_crd(crd: &Value, version: &str, strict: bool) -> anyhow::Result<Option<Self>> {
         openapi_for_crd(crd, version)
-            .map(|s| Self::from_openapi(s, strict))
+            .map(|s| Self::from_openapi(&with_object_root(s), strict))
             .transpose()
             .with_context(|| format!("in version {version}"))
     }

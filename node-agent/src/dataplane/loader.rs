@@ -342,7 +342,7 @@ fn attach_and_pin(
     let cgroup = File::open(&cfg.cgroup).map_err(fs_err("open cgroup", &cfg.cgroup))?;
     let prog = program(ebpf, name, symbol)?;
     let id = prog
-        .attach(&cgroup, CgroupAttachMode::AllowMultiple)
+        .attach(&cgroup, CgroupAttachMode::Single)
         .map_err(|e| attach_err(format!("{e:?}")))?;
     let link = prog
         .take_link(id)

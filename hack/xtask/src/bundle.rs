@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use meshlet_crds::validation::SchemaValidator;
+use meshlet_crds::validation::{FieldError, SchemaValidator};
 use serde_json::Value;
 
 use crate::schema::Schema;
@@ -224,8 +224,11 @@ fn check_csv_schema(
     }
     let openapi = crate::schema::openapi_for_crd(csv_crd, "v1alpha1")
         .context("OLM's CSV CRD has no schema for v1alpha1")?;
-    let schema =
-        Schema::from_openapi(openapi, true).context("failed to compile OLM's CSV schema")?;
+    let validator = SchemaValidator::from_schema(
+        "clusterserviceversions.operators.coreos.com",
+        crate::schema::with_object_root(openapi),
+    )
+    .map_err(|e| anyhow::anyhow!("failed to compile OLM's CSV schema: {e}"))?;
     let mut decoded = csv.clone();
     let mut filled = Vec::new();
     crate::schema::fill_required_scalars(openapi, &mut decoded, "", &mut filled);
@@ -234,12 +237,31 @@ fn check_csv_schema(
             "{csv_file}: required field {path} is missing; OLM reads it as empty"
         ));
     }
-    for error in schema.errors(&decoded) {
-        report.problems.push(format!(
-            "{csv_file}: does not match OLM's CSV schema at {error}"
-        ));
-    }
+    let (problems, notes) = split_field_errors(validator.validate(&decoded, None));
+    report.problems.extend(
+        problems
+            .iter()
+            .map(|p| format!("{csv_file}: does not match OLM's CSV schema at {p}")),
+    );
+    report
+        .notes
+        .extend(notes.iter().map(|n| format!("{csv_file}: {n}")));
     Ok(())
+}
+
+/// Splits an engine verdict into problems and notes: a rule the engine cannot evaluate
+/// client-side (an internal error) is a note, not a verdict on the object.
+fn split_field_errors(result: Result<(), Vec<FieldError>>) -> (Vec<String>, Vec<String>) {
+    let mut problems = Vec::new();
+    let mut notes = Vec::new();
+    for e in result.err().unwrap_or_default() {
+        if e.message.starts_with("Internal error") {
+            notes.push(format!("could not be checked client-side: {e}"));
+        } else {
+            problems.push(format!("{e} ({})", e.reason));
+        }
+    }
+    (problems, notes)
 }
 
 fn check_install(report: &mut Report, csv_file: &str, csv: &Value) {
@@ -421,6 +443,17 @@ fn check_alm_examples(
             ));
             continue;
         }
+        if crd.value["apiVersion"] == "apiextensions.k8s.io/v1" {
+            let (problems, notes) = admit_example(&crd.value, version, example)?;
+            report
+                .problems
+                .extend(problems.iter().map(|p| format!("{label}: {p}")));
+            report
+                .notes
+                .extend(notes.iter().map(|n| format!("{label}: {n}")));
+            continue;
+        }
+        // Older (v1beta1) CRDs: structural check only, when they carry a schema.
         match Schema::for_crd(&crd.value, version, true)
             .with_context(|| format!("failed to compile the schema of CRD {crd_name}"))?
         {
@@ -436,59 +469,39 @@ fn check_alm_examples(
                 }
             }
         }
-        let (problems, notes) = admit_example(&crd.value, version, example);
-        report
-            .problems
-            .extend(problems.iter().map(|p| format!("{label}: {p}")));
-        report
-            .notes
-            .extend(notes.iter().map(|n| format!("{label}: {n}")));
     }
     Ok(examples.len())
 }
 
-/// Admits `example` the way the API server would create it (pruning, defaulting, schema and
-/// CEL rules) with Meshlet's validation engine. Older CRDs without a typed v1 schema have
-/// been checked structurally above.
-///
-/// Returns `(problems, notes)`: a rule the engine cannot evaluate client-side (reported as an
-/// internal error) is a note, not a verdict on the example.
-fn admit_example(crd: &Value, version: &str, example: &Value) -> (Vec<String>, Vec<String>) {
+/// Checks `example` the way `kubectl apply` (strict field validation) and the API server
+/// would on create: schema defaults are applied, then the schema, unknown fields and CEL
+/// rules are checked, with Meshlet's CRD validation engine. Returns `(problems, notes)`.
+fn admit_example(
+    crd: &Value,
+    version: &str,
+    example: &Value,
+) -> anyhow::Result<(Vec<String>, Vec<String>)> {
     let Some(schema) = crate::schema::openapi_for_crd(crd, version) else {
-        return (Vec::new(), Vec::new());
+        return Ok((
+            Vec::new(),
+            vec![format!("its CRD has no schema for {version}")],
+        ));
     };
-    if crd["apiVersion"] != "apiextensions.k8s.io/v1" {
-        return (Vec::new(), Vec::new());
-    }
     let name = crd["metadata"]["name"].as_str().unwrap_or("");
     // The API server accepts `apiVersion`, `kind` and `metadata` at the root of every object
     // whether or not the schema lists them; list them so the engine does too.
-    let validator =
-        match SchemaValidator::from_schema(name, crate::schema::with_object_root(schema)) {
-            Ok(v) => v,
-            Err(e) => {
-                return (
-                    vec![format!("its CRD schema does not compile: {e}")],
-                    Vec::new(),
-                );
-            }
-        };
-    let mut admitted = example.clone();
-    let mut problems = Vec::new();
-    let mut notes = Vec::new();
-    if let Err(errors) = validator.admit(&mut admitted, None) {
-        for e in errors {
-            if e.message.starts_with("Internal error") {
-                notes.push(format!("could not be checked client-side: {e}"));
-            } else {
-                problems.push(format!(
-                    "would be refused by the API server: {e} ({})",
-                    e.reason
-                ));
-            }
-        }
-    }
-    (problems, notes)
+    let validator = SchemaValidator::from_schema(name, crate::schema::with_object_root(schema))
+        .map_err(|e| anyhow::anyhow!("failed to compile the schema of CRD {name}: {e}"))?;
+    let mut defaulted = example.clone();
+    validator.apply_defaults(&mut defaulted);
+    let (problems, notes) = split_field_errors(validator.validate(&defaulted, None));
+    Ok((
+        problems
+            .into_iter()
+            .map(|p| format!("would be refused by the API server: {p}"))
+            .collect(),
+        notes,
+    ))
 }
 
 fn check_annotations(report: &mut Report, dir: &Path) {

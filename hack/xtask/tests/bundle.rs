@@ -191,7 +191,7 @@ fn a_csv_field_of_the_wrong_type_or_unknown_name_is_rejected_by_the_csv_schema()
     });
     assert_rejected_naming(
         &check(&dir),
-        &["OLM's CSV schema", "/spec/installModes/0/supported"],
+        &["OLM's CSV schema", "spec.installModes[0].supported"],
     );
 
     let (_temp, dir) = our_bundle();
@@ -252,7 +252,7 @@ fn an_alm_example_that_violates_its_crd_schema_is_rejected() {
     });
     let kind = examples[0]["kind"].as_str().expect("kind").to_owned();
     let report = check(&dir);
-    assert_rejected_naming(&report, &["alm-examples[0]", &kind, "/spec"]);
+    assert_rejected_naming(&report, &["alm-examples[0]", &kind, "spec: "]);
     assert_rejected_naming(&report, &["alm-examples[0]", "unexpectedTopLevelField"]);
 }
 

@@ -66,7 +66,6 @@ fn a_process_outside_the_agent_cgroup_is_not_rewritten() {
     let mut traffic = Traffic::to(key, &bes);
     traffic.in_cgroup = false;
     traffic.count = 5;
-    traffic.backends.clear();
     let seen = env.run_traffic(&traffic);
     assert_eq!(
         seen.ok, 0,

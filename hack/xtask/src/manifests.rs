@@ -371,3 +371,83 @@ pub fn render(crds: &[CustomResourceDefinition]) -> anyhow::Result<BTreeMap<Stri
     );
     Ok(files)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operator_pod_is_probed_locked_down_and_requests_resources() {
+        let spec = operator_deployment_spec();
+        let pod = spec.template.spec.expect("pod spec");
+        let c = &pod.containers[0];
+        let port_names: Vec<_> = c
+            .ports
+            .iter()
+            .flatten()
+            .filter_map(|p| p.name.as_deref())
+            .collect();
+        for probe in [&c.liveness_probe, &c.readiness_probe] {
+            let get = probe
+                .as_ref()
+                .and_then(|p| p.http_get.as_ref())
+                .expect("http probe");
+            let IntOrString::String(port) = &get.port else {
+                panic!("probe port should be named");
+            };
+            assert!(
+                port_names.contains(&port.as_str()),
+                "probe port {port} not declared"
+            );
+        }
+        let sc = c.security_context.as_ref().expect("security context");
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.run_as_non_root, Some(true));
+        let requests = c
+            .resources
+            .as_ref()
+            .and_then(|r| r.requests.as_ref())
+            .expect("requests");
+        assert!(requests.contains_key("cpu") && requests.contains_key("memory"));
+        assert_eq!(pod.service_account_name.as_deref(), Some(OPERATOR_NAME));
+        assert_eq!(c.image.as_deref(), Some(crate::operator_image().as_str()));
+    }
+
+    #[test]
+    fn deployment_selector_matches_its_pod_labels() {
+        let spec = operator_deployment_spec();
+        let labels = spec
+            .template
+            .metadata
+            .and_then(|m| m.labels)
+            .expect("labels");
+        for (k, v) in spec.selector.match_labels.expect("match labels") {
+            assert_eq!(
+                labels.get(&k),
+                Some(&v),
+                "selector {k}={v} does not match the pod"
+            );
+        }
+    }
+
+    #[test]
+    fn kustomization_lists_every_generated_manifest_with_the_namespace_first() {
+        let files = render(&[]).expect("render");
+        let k: serde_json::Value =
+            crate::yaml::parse(&files["kustomization.yaml"]).expect("parse kustomization");
+        let listed: Vec<&str> = k["resources"]
+            .as_array()
+            .expect("resources")
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect();
+        assert_eq!(listed.first(), Some(&"namespace.yaml"));
+        for path in files.keys().filter(|p| p.as_str() != "kustomization.yaml") {
+            assert!(
+                listed.contains(&path.as_str()),
+                "{path} is not in kustomization.yaml"
+            );
+        }
+    }
+}

@@ -108,3 +108,35 @@ fn every_generated_yaml_file_starts_with_the_generated_header_and_parses() {
         }
     }
 }
+
+#[test]
+fn bundle_installs_the_same_deployment_and_rbac_as_the_kustomize_base() {
+    let tree = generate::generate(&xtask::workspace_root()).expect("generate");
+    let doc = |p: &str| -> serde_json::Value {
+        xtask::yaml::parse(&tree[Path::new(p)]).unwrap_or_else(|e| panic!("{p}: {e}"))
+    };
+    let csv = doc("olm/manifests/meshlet-operator.clusterserviceversion.yaml");
+    let install = &csv["spec"]["install"]["spec"];
+    assert_eq!(
+        install["deployments"][0]["spec"],
+        doc("manifests/operator/deployment.yaml")["spec"]
+    );
+    assert_eq!(
+        install["clusterPermissions"][0]["rules"],
+        doc("manifests/rbac/operator-clusterrole.yaml")["rules"]
+    );
+    assert_eq!(
+        install["permissions"][0]["rules"],
+        doc("manifests/rbac/operator-role.yaml")["rules"]
+    );
+    // The bundle ships exactly the CRDs of the kustomize base.
+    for (path, text) in &tree {
+        if let Ok(rest) = path.strip_prefix("manifests/crds") {
+            assert_eq!(&tree[&Path::new("olm/manifests").join(rest)], text);
+        }
+    }
+    let owned = csv["spec"]["customresourcedefinitions"]["owned"]
+        .as_array()
+        .expect("owned");
+    assert_eq!(owned.len(), meshlet_crds::all_crds().len());
+}

@@ -14,9 +14,34 @@ pub const HEADER: &str =
 
 /// Renders `value` as one YAML document with the generated-file header.
 pub fn render<T: Serialize>(value: &T) -> anyhow::Result<String> {
-    let json = serde_json::to_value(value).context("failed to convert to a JSON value")?;
+    let mut json = serde_json::to_value(value).context("failed to convert to a JSON value")?;
+    integral_floats_as_integers(&mut json);
     let body = serde_saphyr::to_string(&json).context("failed to serialize YAML")?;
     Ok(format!("{HEADER}{body}"))
+}
+
+/// Writes whole-number floats (`minimum: 1.0`, from `f64` fields of the OpenAPI types) as
+/// integers, the way the API server and kustomize print them.
+fn integral_floats_as_integers(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    match value {
+        Value::Number(n) => {
+            if let Some(f) = n.as_f64().filter(|_| n.is_f64())
+                && f.fract() == 0.0
+                && f.abs() < 9.0e15
+            {
+                #[expect(
+                    clippy::cast_possible_truncation,
+                    reason = "checked whole and in range"
+                )]
+                let i = f as i64;
+                *value = Value::from(i);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(integral_floats_as_integers),
+        Value::Object(map) => map.values_mut().for_each(integral_floats_as_integers),
+        _ => {}
+    }
 }
 
 /// Parses one YAML document.

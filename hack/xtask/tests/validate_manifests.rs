@@ -61,3 +61,41 @@ fn an_unknown_field_in_a_role_is_rejected_in_strict_mode() {
     assert!(!ok, "broken manifest accepted:\n{out}");
     assert!(out.contains("resourceName"), "{out}");
 }
+
+#[test]
+fn kubectl_kustomize_reads_back_exactly_the_objects_we_generated() {
+    let root = xtask::workspace_root();
+    let kubectl = root.join(".venv/bin/kubectl");
+    assert!(
+        kubectl.is_file(),
+        "kubectl is not installed; run hack/setup.sh"
+    );
+    let temp = copy_of_manifests();
+    let out = Command::new(&kubectl)
+        .arg("kustomize")
+        .arg(temp.path().join("manifests"))
+        .output()
+        .expect("run kubectl kustomize");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rendered = xtask::yaml::parse_all(&String::from_utf8_lossy(&out.stdout)).expect("parse");
+
+    let tree = xtask::generate::generate(&root).expect("generate");
+    let generated: Vec<serde_json::Value> = tree
+        .iter()
+        .filter(|(p, _)| p.starts_with("manifests") && !p.ends_with("kustomization.yaml"))
+        .map(|(_, text)| xtask::yaml::parse(text).expect("parse generated"))
+        .collect();
+    assert_eq!(rendered.len(), generated.len());
+    for object in &generated {
+        assert!(
+            rendered.contains(object),
+            "kubectl read {} {} differently",
+            object["kind"],
+            object["metadata"]["name"]
+        );
+    }
+}

@@ -2,9 +2,10 @@
 //! broken copies of both.
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use serde_json::{Value, json};
-use xtask::bundle::{Report, check_bundle};
+use xtask::bundle::{Report, check_bundle, check_bundle_with};
 use xtask::{generate, yaml};
 
 fn shared() -> PathBuf {
@@ -70,8 +71,14 @@ fn edit_csv(dir: &Path, edit: impl FnOnce(&mut Value)) {
     std::fs::write(&path, yaml::render(&csv).expect("render CSV")).expect("write CSV");
 }
 
+/// OLM's CSV CRD, parsed once for all tests (it is large).
+fn csv_crd() -> &'static Value {
+    static CSV_CRD: OnceLock<Value> = OnceLock::new();
+    CSV_CRD.get_or_init(|| xtask::bundle::load_csv_crd(&shared()).expect("load the CSV CRD"))
+}
+
 fn check(dir: &Path) -> Report {
-    check_bundle(dir, &shared()).expect("the check runs")
+    check_bundle_with(dir, csv_crd()).expect("the check runs")
 }
 
 fn assert_rejected_naming(report: &Report, needles: &[&str]) {
@@ -105,7 +112,8 @@ fn our_owned_crds(dir: &Path) -> Vec<Value> {
 
 #[test]
 fn olm_reference_bundle_in_the_flat_layout_is_accepted() {
-    let report = check(&shared().join("olm/testdata/valid_bundle"));
+    let report = check_bundle(&shared().join("olm/testdata/valid_bundle"), &shared())
+        .expect("the check runs");
     assert!(report.problems.is_empty(), "{:#?}", report.problems);
     assert!(report.summary.contains("flat layout"), "{}", report.summary);
     assert!(

@@ -336,11 +336,41 @@ fn authenticate(srv: &Server, headers: &HeaderMap) -> Result<User, ApiError> {
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or(ApiError::Unauthorized)?;
-    srv.identities
-        .authenticate(token.trim(), &srv.store)
-        .map_err(|_| ApiError::Unauthorized)
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let user = match token {
+        Some(token) => srv
+            .identities
+            .authenticate(token.trim(), &srv.store)
+            .map_err(|_| ApiError::Unauthorized)?,
+        // kubectl never sends credentials over plain HTTP; like kube-apiserver's former
+        // insecure port, an unauthenticated local request is the administrator.
+        None if srv.opts.anonymous_is_admin => User::admin(),
+        None => return Err(ApiError::Unauthorized),
+    };
+    let Some(as_user) = headers.get("Impersonate-User").and_then(|v| v.to_str().ok()) else {
+        return Ok(user);
+    };
+    if !user.is_master() {
+        return Err(ApiError::Forbidden {
+            message: format!(
+                "users \"{as_user}\" is forbidden: User \"{}\" cannot impersonate resource \"users\" in API group \"\" at the cluster scope",
+                user.name
+            ),
+            subject: Subject { name: as_user.to_string(), group: String::new(), kind: "users".into() },
+        });
+    }
+    if let Some(rest) = as_user.strip_prefix("system:serviceaccount:")
+        && let Some((ns, name)) = rest.split_once(':')
+    {
+        return Ok(User::service_account(ns, name));
+    }
+    let mut groups: Vec<String> = headers
+        .get_all("Impersonate-Group")
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(str::to_string))
+        .collect();
+    groups.push("system:authenticated".into());
+    Ok(User { name: as_user.to_string(), groups, service_account: None })
 }
 
 fn authorize(srv: &Server, user: &User, t: &Target, verb: &str) -> Result<(), ApiError> {
@@ -492,32 +522,93 @@ fn list(ctx: &Ctx<'_>, t: &Target) -> Result<Response, ApiError> {
     })))
 }
 
-fn simple_json_path<'v>(obj: &'v Value, path: &str) -> Option<&'v Value> {
-    path.trim_start_matches('.')
-        .split('.')
-        .filter(|s| !s.is_empty())
-        .try_fold(obj, |cur, seg| cur.get(seg))
+/// Evaluates the JSONPath subset printer columns use: `.a.b`, `[n]` and
+/// `[?(@.field=="value")]` (first match).
+fn simple_json_path(obj: &Value, path: &str) -> Option<Value> {
+    let mut cur = obj.clone();
+    let mut rest = path.trim();
+    while !rest.is_empty() {
+        if let Some(r) = rest.strip_prefix('.') {
+            let end = r.find(['.', '[']).unwrap_or(r.len());
+            if end > 0 {
+                cur = cur.get(&r[..end])?.clone();
+            }
+            rest = &r[end..];
+        } else if let Some(r) = rest.strip_prefix('[') {
+            let end = r.find(']')?;
+            let inner = &r[..end];
+            rest = &r[end + 1..];
+            if let Some(filter) = inner.strip_prefix("?(@.").and_then(|f| f.strip_suffix(')')) {
+                let (field, want) = filter.split_once("==")?;
+                let want = want.trim().trim_matches(|c| c == '"' || c == '\'');
+                cur = cur
+                    .as_array()?
+                    .iter()
+                    .find(|i| i.get(field.trim()).and_then(Value::as_str) == Some(want))?
+                    .clone();
+            } else {
+                cur = cur.get(inner.parse::<usize>().ok()?)?.clone();
+            }
+        } else {
+            return None;
+        }
+    }
+    Some(cur)
+}
+
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// Seconds since the epoch of an RFC 3339 UTC timestamp (`2026-01-02T03:04:05Z`).
+fn parse_rfc3339(ts: &str) -> Option<i64> {
+    let n = |r: std::ops::Range<usize>| ts.get(r).and_then(|s| s.parse::<i64>().ok());
+    let days = days_from_civil(n(0..4)?, n(5..7)?, n(8..10)?);
+    Some(days * 86400 + n(11..13)? * 3600 + n(14..16)? * 60 + n(17..19)?)
+}
+
+/// kubectl-style age (`42s`, `5m`, `3h`, `2d`) of a timestamp.
+fn age(ts: &Value) -> Value {
+    let Some(then) = ts.as_str().and_then(parse_rfc3339) else {
+        return json!("<unknown>");
+    };
+    let now = parse_rfc3339(&now_rfc3339()).unwrap_or(then);
+    let d = (now - then).max(0);
+    json!(match d {
+        0..120 => format!("{d}s"),
+        120..7200 => format!("{}m", d / 60),
+        7200..172_800 => format!("{}h", d / 3600),
+        _ => format!("{}d", d / 86400),
+    })
 }
 
 fn table(rt: &ResourceType, items: &[Arc<Value>], rv: u64, cont: Option<String>) -> Value {
     let mut columns = vec![json!({"name": "Name", "type": "string", "format": "name",
         "description": "Name of the object", "priority": 0})];
     for c in &rt.printer_columns {
-        columns.push(json!({"name": c.name, "type": c.type_, "format": "", "description": "", "priority": c.priority}));
+        let type_ = if c.type_ == "date" { "string" } else { c.type_.as_str() };
+        columns.push(json!({"name": c.name, "type": type_, "format": "", "description": "", "priority": c.priority}));
     }
     let has_age = rt.printer_columns.iter().any(|c| c.name == "Age");
     if !has_age {
-        columns.push(json!({"name": "Age", "type": "date", "format": "", "description": "", "priority": 0}));
+        columns.push(json!({"name": "Age", "type": "string", "format": "", "description": "", "priority": 0}));
     }
     let rows: Vec<Value> = items
         .iter()
         .map(|o| {
             let mut cells = vec![o.pointer("/metadata/name").cloned().unwrap_or(Value::Null)];
             for c in &rt.printer_columns {
-                cells.push(simple_json_path(o, &c.json_path).cloned().unwrap_or(Value::Null));
+                let v = simple_json_path(o, &c.json_path).unwrap_or(Value::Null);
+                cells.push(if c.type_ == "date" { age(&v) } else { v });
             }
             if !has_age {
-                cells.push(o.pointer("/metadata/creationTimestamp").cloned().unwrap_or(Value::Null));
+                cells.push(age(o.pointer("/metadata/creationTimestamp").unwrap_or(&Value::Null)));
             }
             let meta = o.get("metadata").cloned().unwrap_or(Value::Null);
             json!({"cells": cells, "object": {"kind": "PartialObjectMetadata",

@@ -91,6 +91,9 @@ pub struct ServerOptions {
     pub admin_token: String,
     /// Install `meshlet_crds::all_crds()` at start.
     pub install_meshlet_crds: bool,
+    /// Treat requests without a bearer token as the administrator (kubectl sends no
+    /// credentials over plain HTTP). Tokens, when sent, are always checked.
+    pub anonymous_is_admin: bool,
 }
 
 impl Default for ServerOptions {
@@ -102,6 +105,7 @@ impl Default for ServerOptions {
             bookmark_interval: Duration::from_secs(5),
             admin_token: "meshlet-test-admin-token".into(),
             install_meshlet_crds: false,
+            anonymous_is_admin: true,
         }
     }
 }

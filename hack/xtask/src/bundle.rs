@@ -294,6 +294,15 @@ fn check_install(report: &mut Report, csv_file: &str, csv: &Value) {
             }
         }
     }
+    for field in ["minKubeVersion", "version"] {
+        if let Some(v) = spec[field].as_str()
+            && !is_semver(v)
+        {
+            report.problems.push(format!(
+                "{csv_file}: spec.{field} {v:?} is not a semantic version (MAJOR.MINOR.PATCH)"
+            ));
+        }
+    }
     let install = &spec["install"];
     if install["strategy"] != "deployment" {
         report.problems.push(format!(
@@ -320,6 +329,16 @@ fn check_install(report: &mut Report, csv_file: &str, csv: &Value) {
             ));
         }
     }
+}
+
+/// `MAJOR.MINOR.PATCH` with an optional `-pre-release` and `+build` suffix.
+fn is_semver(v: &str) -> bool {
+    let core = v.split(['-', '+']).next().unwrap_or("");
+    let parts: Vec<&str> = core.split('.').collect();
+    parts.len() == 3
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()))
 }
 
 fn check_owned_crds(

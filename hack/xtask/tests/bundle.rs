@@ -336,3 +336,13 @@ fn an_alm_example_that_breaks_a_cel_rule_of_its_crd_is_rejected() {
         ],
     );
 }
+
+#[test]
+fn a_min_kube_version_that_is_not_semver_is_rejected() {
+    let (_temp, dir) = our_bundle();
+    edit_csv(&dir, |csv| csv["spec"]["minKubeVersion"] = json!("1.30"));
+    assert_rejected_naming(
+        &check(&dir),
+        &["spec.minKubeVersion", "\"1.30\"", "semantic version"],
+    );
+}

@@ -125,6 +125,12 @@ pub fn check_bundle(dir: &Path, shared: &Path) -> anyhow::Result<Report> {
 /// Checks the bundle in `dir` against an already loaded CSV CRD.
 pub fn check_bundle_with(dir: &Path, csv_crd: &Value) -> anyhow::Result<Report> {
     let mut report = Report::default();
+    if !dir.is_dir() {
+        report
+            .problems
+            .push(format!("{} is not a directory", dir.display()));
+        return Ok(report);
+    }
     let registry_v1 = dir.join("manifests").is_dir() || dir.join("metadata").is_dir();
     let manifests_dir = if registry_v1 {
         dir.join("manifests")

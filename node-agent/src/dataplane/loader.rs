@@ -150,7 +150,7 @@ impl NodeLock {
             file.rewind()?;
             writeln!(file, "{}", std::process::id())
         };
-        record(&mut *file).map_err(|source| DataplaneError::OpenLock {
+        record(&mut file).map_err(|source| DataplaneError::OpenLock {
             path: path.into(),
             source,
         })?;
@@ -511,7 +511,7 @@ fn copy_converted(paths: &Paths, from: u32, to: u32) -> Result<(), DataplaneErro
         let backend = tables::decode_endpoint_backend(&value);
         cum = cum.saturating_add(
             weights
-                .get(&backend.to_ne_bytes().to_vec())
+                .get(backend.to_ne_bytes().as_slice())
                 .copied()
                 .unwrap_or(1),
         );

@@ -265,12 +265,12 @@ mod tests {
     fn frontend_keys_round_trip_for_both_families_and_protocols() {
         for key in [
             ServiceKey {
-                vip: "127.100.0.1".parse().unwrap(),
+                vip: "127.100.0.1".parse().expect("literal address"),
                 port: 8080,
                 protocol: Protocol::Tcp,
             },
             ServiceKey {
-                vip: "fd00:6d65::1".parse().unwrap(),
+                vip: "fd00:6d65::1".parse().expect("literal address"),
                 port: 53,
                 protocol: Protocol::Udp,
             },
@@ -283,7 +283,7 @@ mod tests {
     #[test]
     fn ports_and_addresses_are_stored_in_network_order() {
         let key = ServiceKey {
-            vip: "10.1.2.3".parse().unwrap(),
+            vip: "10.1.2.3".parse().expect("literal address"),
             port: 0x1234,
             protocol: Protocol::Tcp,
         };
@@ -295,7 +295,7 @@ mod tests {
     #[test]
     fn backend_conversion_sets_weight_one_going_up_and_drops_it_going_down() {
         let be = Backend {
-            addr: "127.0.0.2".parse().unwrap(),
+            addr: "127.0.0.2".parse().expect("literal address"),
             port: 9000,
             weight: 7,
         };

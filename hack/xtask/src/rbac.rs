@@ -310,6 +310,27 @@ mod tests {
     }
 
     #[test]
+    fn agent_never_creates_or_deletes_anything_and_writes_only_node_enrollments() {
+        for rule in AGENT_CLUSTER_RULES {
+            assert!(
+                !rule
+                    .verbs
+                    .iter()
+                    .any(|v| matches!(*v, "create" | "delete" | "deletecollection")),
+                "{rule:?}"
+            );
+            if rule.verbs.iter().any(|v| matches!(*v, "patch" | "update")) {
+                assert!(
+                    rule.resources
+                        .iter()
+                        .all(|r| r.starts_with("nodeenrollments")),
+                    "{rule:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn operator_can_drive_an_on_delete_rollout_but_not_create_pods() {
         assert!(grants(OPERATOR_CLUSTER_RULES, "", "pods", "delete"));
         assert!(!grants(OPERATOR_CLUSTER_RULES, "", "pods", "create"));

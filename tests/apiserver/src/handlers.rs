@@ -129,6 +129,11 @@ fn parse_body(headers: &HeaderMap, body: &[u8]) -> Result<Value, ApiError> {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("application/json");
+    if ct.contains("protobuf") || ct.contains("cbor") {
+        return Err(ApiError::UnsupportedMediaType {
+            message: format!("the body of the request was in an unknown format - accepted media types include: application/json, application/yaml (got \"{ct}\")"),
+        });
+    }
     match serde_json::from_slice::<Value>(body) {
         Ok(v) => Ok(v),
         Err(json_err) if ct.contains("yaml") => {
@@ -156,6 +161,16 @@ struct Target {
 }
 
 impl Target {
+    fn clone_shallow(&self) -> Self {
+        Self {
+            rt: self.rt.clone(),
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            sub: self.sub.clone(),
+            watch_path: self.watch_path,
+        }
+    }
+
     fn gr(&self) -> String {
         self.rt.group_resource()
     }
@@ -303,7 +318,23 @@ pub async fn handle(State(srv): State<Arc<Server>>, req: Request) -> Response {
             (&Method::DELETE, true) => "deletecollection",
             _ => return Err(ApiError::MethodNotAllowed),
         };
-        authorize(&srv, &user, &target, verb)?;
+        // Like the real server, a list or watch narrowed to one name by a field selector is
+        // authorized for that name (so `resourceNames` rules apply).
+        let selected_name = if matches!(verb, "list" | "watch") && target.name.is_empty() {
+            query
+                .get("fieldSelector")
+                .and_then(|f| FieldSelector::parse(f).ok())
+                .and_then(|f| f.required_name().map(str::to_string))
+        } else {
+            None
+        };
+        match selected_name {
+            Some(name) => {
+                let narrowed = Target { name, ..target.clone_shallow() };
+                authorize(&srv, &user, &narrowed, verb)?;
+            }
+            None => authorize(&srv, &user, &target, verb)?,
+        }
         let ctx = Ctx {
             srv: &srv,
             user: &user,
@@ -736,6 +767,7 @@ fn watch(ctx: &Ctx<'_>, t: &Target) -> Result<Response, ApiError> {
                 let srv = ctx.srv.shared();
                 move || srv.store.current_rv()
             };
+            let mut epoch = ctx.srv.watch_epoch.subscribe();
             tokio::spawn(async move {
                 for line in initial {
                     if tx.send(Ok(line)).await.is_err() {
@@ -759,6 +791,7 @@ fn watch(ctx: &Ctx<'_>, t: &Target) -> Result<Response, ApiError> {
                     tokio::select! {
                         _ = &mut deadline => return,
                         _ = tx.closed() => return,
+                        _ = epoch.changed() => return,
                         _ = ticker.tick(), if bookmarks => {
                             let mut b = bookmark_template.clone();
                             let rv = store_rv().max(last);
@@ -1065,10 +1098,16 @@ fn admit(
     match rt.kind.as_str() {
         "CustomResourceDefinition" if rt.group == "apiextensions.k8s.io" => {
             let types = resources::from_crd(&new).map_err(|e| {
+                let (field, message) = match e {
+                    resources::ResourcesError::CompileSchema { version, message } => {
+                        (format!("spec.versions[{version}].schema.openAPIV3Schema"), message)
+                    }
+                    other => ("spec".to_string(), other.to_string()),
+                };
                 invalid(t, &name, vec![Cause {
                     reason: "FieldValueInvalid".into(),
-                    message: e.to_string(),
-                    field: "spec".into(),
+                    message,
+                    field,
                 }])
             })?;
             if let Some(first) = types.first() {
@@ -1101,6 +1140,15 @@ fn admit(
                 ],
             });
         }
+        "Secret" if rt.group.is_empty() => {
+            // Like the real server: stringData is write-only and merged into data.
+            if let Some(Value::Object(sd)) = new.as_object_mut().and_then(|m| m.remove("stringData")) {
+                for (k, v) in sd {
+                    let text = v.as_str().unwrap_or_default();
+                    new["data"][k] = json!(base64(text.as_bytes()));
+                }
+            }
+        }
         "Namespace" if rt.group.is_empty() => {
             new["spec"]["finalizers"] = json!(["kubernetes"]);
             if new.pointer("/metadata/deletionTimestamp").is_none() {
@@ -1119,6 +1167,23 @@ fn admit(
         new["metadata"]["generation"] = json!(g + 1);
     }
     Ok(Admitted { obj: new, warnings })
+}
+
+fn base64(bytes: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 fn invalid(t: &Target, name: &str, causes: Vec<Cause>) -> ApiError {
@@ -1252,15 +1317,12 @@ fn commit(
             let deleting = obj.pointer("/metadata/deletionTimestamp").is_some();
             let pre = Precondition::Version(rv_of(old));
             if deleting && finalizers_empty && t.rt.kind != "Namespace" {
-                let stored = ctx
-                    .srv
-                    .store
-                    .put(&gr, obj, pre)
-                    .map_err(|e| map_store_error(t, &name, e))?;
+                // Like the real registry: the update that empties the finalizers of a
+                // deleting object is not stored; the object is deleted instead.
                 let removed = ctx
                     .srv
                     .store
-                    .remove(&gr, &t.namespace, &name, Precondition::Version(rv_of(&stored)))
+                    .remove_as(&gr, &t.namespace, &name, pre, Some(obj))
                     .map_err(|e| map_store_error(t, &name, e))?;
                 ctx.srv.after_delete(&t.rt, &removed);
                 return Ok((200, (*removed).clone()));

@@ -121,6 +121,8 @@ pub struct Server {
     /// Options the server was started with.
     pub opts: ServerOptions,
     seed: AtomicU64,
+    /// Bumped to end every open watch (as a server restart would).
+    pub(crate) watch_epoch: tokio::sync::watch::Sender<u64>,
     gc: Arc<Notify>,
     me: std::sync::Weak<Server>,
 }
@@ -137,6 +139,7 @@ impl Server {
             identities: Identities::default(),
             opts,
             seed: AtomicU64::new(seed),
+            watch_epoch: tokio::sync::watch::channel(0).0,
             gc: Arc::new(Notify::new()),
             me: me.clone(),
         })
@@ -454,6 +457,12 @@ impl TestApiServer {
     /// Forgets the watch history, so every older resourceVersion gets `410 Gone`.
     pub fn compact(&self) {
         self.state.store.compact();
+    }
+
+    /// Ends every open watch, as a restart of the real server would; clients must resume
+    /// from their last resourceVersion (and relist after `410 Gone` if it was compacted).
+    pub fn end_watches(&self) {
+        self.state.watch_epoch.send_modify(|e| *e += 1);
     }
 
     /// Number of stored objects.

@@ -233,6 +233,19 @@ impl Store {
         name: &str,
         pre: Precondition,
     ) -> Result<Arc<Value>, StoreError> {
+        self.remove_as(gr, namespace, name, pre, None)
+    }
+
+    /// Like [`Store::remove`], but the DELETED event carries `last` (e.g. the object with
+    /// its final finalizer removed) instead of the stored state.
+    pub fn remove_as(
+        &self,
+        gr: &str,
+        namespace: &str,
+        name: &str,
+        pre: Precondition,
+        last: Option<Value>,
+    ) -> Result<Arc<Value>, StoreError> {
         let key = (namespace.to_string(), name.to_string());
         let mut inner = self.lock();
         let prev = inner
@@ -250,7 +263,7 @@ impl Store {
             m.remove(&key);
         }
         inner.rv += 1;
-        let mut last = (*prev).clone();
+        let mut last = last.unwrap_or_else(|| (*prev).clone());
         last["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
         let last = Arc::new(last);
         self.record(

@@ -549,8 +549,16 @@ pub fn migrate(
             return Err(e);
         }
     };
+    let mut swapped: Vec<(&str, u32)> = Vec::new();
     for (name, symbol) in PROGRAMS {
-        replace_or_attach(&mut ebpf, cfg, paths, name, symbol)?;
+        match replace_or_attach(&mut ebpf, cfg, paths, name, symbol) {
+            Ok(old_prog) => swapped.push((name, old_prog)),
+            Err(e) => {
+                roll_back_links(paths, &swapped);
+                remove_next_pins(paths);
+                return Err(e);
+            }
+        }
     }
     for map in MAPS.iter().filter(|m| m.follows_layout) {
         let next = paths.map_next(map.pin);
@@ -558,6 +566,21 @@ pub fn migrate(
     }
     write_meta(paths, &MetaRecord::for_layout(to))?;
     Ok(())
+}
+
+/// Points links already swapped back at the programs they ran before (0: link was new, so
+/// it is removed). Best effort: used only on the error path of a migration.
+fn roll_back_links(paths: &Paths, swapped: &[(&str, u32)]) {
+    for (name, old_prog) in swapped {
+        let pin = paths.link(name);
+        if *old_prog == 0 {
+            let _ = fs::remove_file(&pin);
+            continue;
+        }
+        if let (Ok(link), Ok(prog)) = (sys::obj_get(&pin), sys::prog_fd_by_id(*old_prog)) {
+            let _ = sys::link_update(link.as_fd(), prog.as_fd());
+        }
+    }
 }
 
 /// Detaches every link and removes every pin and directory under the root. Best effort: it

@@ -21,6 +21,7 @@ const MAP_DELETE_ELEM: i64 = 3;
 const MAP_GET_NEXT_KEY: i64 = 4;
 const OBJ_PIN: i64 = 6;
 const OBJ_GET: i64 = 7;
+const PROG_GET_FD_BY_ID: i64 = 13;
 const OBJ_GET_INFO_BY_FD: i64 = 15;
 const MAP_UPDATE_BATCH: i64 = 26;
 const MAP_DELETE_BATCH: i64 = 27;
@@ -110,6 +111,12 @@ pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()>
 pub fn link_fd_by_id(id: u32) -> io::Result<OwnedFd> {
     let mut attr = Attr::default().u32(0, id);
     owned(bpf(LINK_GET_FD_BY_ID, &mut attr, 12)?)
+}
+
+/// `BPF_PROG_GET_FD_BY_ID`: opens a loaded program by id.
+pub fn prog_fd_by_id(id: u32) -> io::Result<OwnedFd> {
+    let mut attr = Attr::default().u32(0, id);
+    owned(bpf(PROG_GET_FD_BY_ID, &mut attr, 12)?)
 }
 
 /// Kernel facts about a map.

@@ -750,6 +750,7 @@ fn watch(ctx: &Ctx<'_>, t: &Target) -> Result<Response, ApiError> {
     match ctx.srv.store.watch_from(from) {
         Err(StoreError::WatchFromCompacted { requested, oldest }) => {
             // The real server answers 200 and sends one ERROR event with a 410 Status.
+            ctx.srv.expired_watches.fetch_add(1, Ordering::Relaxed);
             let status = ApiError::Gone {
                 message: format!("too old resource version: {requested} ({oldest})"),
             }

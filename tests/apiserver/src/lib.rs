@@ -121,6 +121,8 @@ pub struct Server {
     /// Options the server was started with.
     pub opts: ServerOptions,
     seed: AtomicU64,
+    /// Watches refused with 410 Gone so far.
+    pub(crate) expired_watches: AtomicU64,
     /// Bumped to end every open watch (as a server restart would).
     pub(crate) watch_epoch: tokio::sync::watch::Sender<u64>,
     gc: Arc<Notify>,
@@ -139,6 +141,7 @@ impl Server {
             identities: Identities::default(),
             opts,
             seed: AtomicU64::new(seed),
+            expired_watches: AtomicU64::new(0),
             watch_epoch: tokio::sync::watch::channel(0).0,
             gc: Arc::new(Notify::new()),
             me: me.clone(),
@@ -463,6 +466,13 @@ impl TestApiServer {
     /// from their last resourceVersion (and relist after `410 Gone` if it was compacted).
     pub fn end_watches(&self) {
         self.state.watch_epoch.send_modify(|e| *e += 1);
+    }
+
+    /// How many watches were refused with `410 Gone` so far.
+    pub fn expired_watches(&self) -> u64 {
+        self.state
+            .expired_watches
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Number of stored objects.

@@ -168,6 +168,7 @@ impl SchemaValidator {
                 reason,
             }
         })?;
+        let schema = with_implicit_root_fields(schema);
         let cel = kube_cel::compile_schema(&schema);
         if let Some((path, message)) = first_compile_error(&cel, "") {
             return Err(SchemaError::CompileRule {
@@ -191,7 +192,8 @@ impl SchemaValidator {
         })
     }
 
-    /// The OpenAPI schema this validator was compiled from.
+    /// The OpenAPI schema this validator was compiled from, with the implicit root fields
+    /// (`apiVersion`, `kind`, `metadata`) made explicit.
     pub fn schema(&self) -> &Value {
         &self.schema
     }
@@ -216,7 +218,7 @@ impl SchemaValidator {
         default_node(&self.schema, obj);
     }
 
-    /// Validate against the OpenAPI schema, then (when that passes) the CEL rules. Transition
+    /// Validate against the OpenAPI schema and the CEL rules, reporting every failure. Transition
     /// rules (`oldSelf`) run only when `old` is given, as on an update.
     pub fn validate(&self, obj: &Value, old: Option<&Value>) -> Result<(), Vec<FieldError>> {
         let mut errors: Vec<FieldError> = self
@@ -224,12 +226,19 @@ impl SchemaValidator {
             .iter_errors(obj)
             .flat_map(|e| openapi_errors(&e))
             .collect();
-        dedup(&mut errors);
-        if errors.is_empty()
-            && let Err(failures) = kube_cel::validate_compiled(&self.cel, obj, old)
-        {
-            errors.extend(failures.iter().map(|failure| cel_error(failure, obj)));
+        // Like the API server, CEL rules run even when the OpenAPI checks failed. A rule that
+        // cannot be evaluated then is usually looking at a value of the wrong type, which the
+        // OpenAPI errors already report.
+        let schema_valid = errors.is_empty();
+        if let Err(failures) = kube_cel::validate_compiled(&self.cel, obj, old) {
+            errors.extend(
+                failures
+                    .iter()
+                    .filter(|f| schema_valid || f.kind == kube_cel::ErrorKind::ValidationFailure)
+                    .map(|failure| cel_error(failure, obj)),
+            );
         }
+        dedup(&mut errors);
         if errors.is_empty() {
             Ok(())
         } else {
@@ -245,6 +254,30 @@ enum Position {
     Root,
     /// Anything below.
     Nested,
+}
+
+/// Declares what every object has at its root, as the API server does implicitly: string
+/// `apiVersion` and `kind`, and `metadata` whose `name` and `generateName` CEL rules may read.
+fn with_implicit_root_fields(mut schema: Value) -> Value {
+    if let Some(root) = schema.as_object_mut() {
+        let props = root.entry("properties").or_insert_with(|| json!({}));
+        if let Some(props) = props.as_object_mut() {
+            props.entry("apiVersion").or_insert_with(|| json!({"type": "string"}));
+            props.entry("kind").or_insert_with(|| json!({"type": "string"}));
+            props.insert(
+                "metadata".to_owned(),
+                json!({
+                    "type": "object",
+                    "x-kubernetes-preserve-unknown-fields": true,
+                    "properties": {
+                        "name": {"type": "string"},
+                        "generateName": {"type": "string"}
+                    }
+                }),
+            );
+        }
+    }
+    schema
 }
 
 // ── Structural check ───────────────────────────────────────────────────────────────────────

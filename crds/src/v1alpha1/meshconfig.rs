@@ -232,10 +232,14 @@ pub struct UpgradeSpec {
     /// Most nodes upgrading at once after the canaries: an integer >= 1 or a percentage of the
     /// selected nodes from "1%" to "100%" (rounded up, at least one node).
     #[serde(default = "default_max_unavailable")]
-    #[schemars(extend("nullable" = false, "x-kubernetes-validations" = [{
-        "rule": "type(self) == int ? self >= 1 : self.matches('^(100|[1-9][0-9]?)%$')",
-        "message": "must be an integer >= 1 or a percentage \"1%\"..\"100%\""
-    }]))]
+    #[schemars(extend(
+        "nullable" = false,
+        "pattern" = "^(100|[1-9][0-9]?)%$",
+        "x-kubernetes-validations" = [{
+            "rule": "string(self).matches('^([1-9][0-9]*|(100|[1-9][0-9]?)%)$')",
+            "message": "must be an integer >= 1 or a percentage \"1%\"..\"100%\""
+        }]
+    ))]
     pub max_unavailable: IntOrString,
     /// Nodes upgraded first, one at a time, before any other node moves. 0 skips the canary step.
     #[serde(default = "default_one")]

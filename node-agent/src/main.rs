@@ -1,5 +1,7 @@
-//! `meshlet-agent` binary.
+//! `meshlet-agent` binary: parses flags and hands over to [`meshlet_agent::agent::main`].
 
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("the node agent is not implemented yet")
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    meshlet_agent::agent::main(meshlet_agent::config::Cli::parse())
 }

@@ -1,5 +1,7 @@
 //! `meshletctl`: admin CLI talking to the local agent over its unix socket.
 
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("meshletctl is not implemented yet")
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    meshlet_agent::admin::ctl::main(meshlet_agent::admin::ctl::CtlCli::parse())
 }

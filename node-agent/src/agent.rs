@@ -1,0 +1,476 @@
+//! The agent process: start-up (adopt, never flush), the sync loop, and shutdown.
+//!
+//! ```text
+//!  signals installed ─► Dataplane::start (lock, decide, adopt/migrate/load) ─► observed()
+//!      ─► Index(observed) ◄── sources (standalone file, ...) via mpsc<SourceUpdate>
+//!      ─► Change::Apply ─► Dataplane::apply (spawn_blocking) ─► metrics, status, ready
+//!  admin socket (gRPC) and HTTP (/healthz /readyz /metrics) read the shared Context.
+//!  SIGTERM/SIGINT: return, leaving programs attached and maps pinned.
+//!  admin Reset: drop the data plane (releases the lock), reset(), return.
+//! ```
+
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{error, info, warn};
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::reload;
+use tracing_subscriber::util::SubscriberInitExt;
+
+use crate::config::{AgentArgs, Cli, Command};
+use crate::dataplane::{
+    self, Dataplane, DataplaneError, RestartKind, StartReport, StartupDecision,
+};
+use crate::index::{Change, Index};
+use crate::metrics::Metrics;
+use crate::model::DesiredState;
+use crate::source::standalone::{Limits, StandaloneSource};
+use crate::source::{Source, SourceUpdate};
+
+/// Exit code when the pinned state cannot be adopted (preflight or run).
+pub const EXIT_UNADOPTABLE: u8 = 3;
+/// Exit code when another agent holds the node lock.
+pub const EXIT_LOCKED: u8 = 4;
+
+/// Errors of the agent process, named for the step that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The tokio runtime could not be built.
+    #[error("failed to build the async runtime")]
+    Runtime(#[source] std::io::Error),
+    /// Logging could not be initialised or the filter is invalid.
+    #[error("failed to set log filter {filter:?}: {detail}")]
+    LogFilter {
+        /// Filter asked for.
+        filter: String,
+        /// Why it was refused.
+        detail: String,
+    },
+    /// A signal handler could not be installed.
+    #[error("failed to install the signal handlers")]
+    Signals(#[source] std::io::Error),
+    /// Starting, adopting or resetting the data plane failed.
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+    /// A blocking task panicked or was cancelled.
+    #[error("data-plane task failed: {0}")]
+    Task(String),
+    /// The admin API could not be served.
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminError),
+    /// The metrics endpoint could not be served.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
+}
+
+/// Run-time control of the log filter.
+#[derive(Debug)]
+pub struct LogControl {
+    handle: reload::Handle<EnvFilter, tracing_subscriber::Registry>,
+    current: Mutex<String>,
+}
+
+impl LogControl {
+    /// Replace the log filter; returns the previous one.
+    pub fn set(&self, filter: &str) -> Result<String, AgentError> {
+        let parsed = EnvFilter::try_new(filter).map_err(|e| AgentError::LogFilter {
+            filter: filter.to_string(),
+            detail: e.to_string(),
+        })?;
+        self.handle
+            .reload(parsed)
+            .map_err(|e| AgentError::LogFilter {
+                filter: filter.to_string(),
+                detail: e.to_string(),
+            })?;
+        let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(std::mem::replace(&mut *cur, filter.to_string()))
+    }
+}
+
+/// Install the global subscriber (stderr, text or JSON) with a reloadable filter.
+pub fn init_logging(filter: &str, json: bool) -> Result<LogControl, AgentError> {
+    let parsed = EnvFilter::try_new(filter).map_err(|e| AgentError::LogFilter {
+        filter: filter.to_string(),
+        detail: e.to_string(),
+    })?;
+    let (layer, handle) = reload::Layer::new(parsed);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(layer);
+    let res = if json {
+        registry.with(fmt.json()).try_init()
+    } else {
+        registry.with(fmt).try_init()
+    };
+    res.map_err(|e| AgentError::LogFilter {
+        filter: filter.to_string(),
+        detail: e.to_string(),
+    })?;
+    Ok(LogControl {
+        handle,
+        current: Mutex::new(filter.to_string()),
+    })
+}
+
+/// Sync status shown by the admin API and `/readyz`.
+#[derive(Debug, Clone, Default)]
+pub struct SyncStatus {
+    /// True after the first successful sync.
+    pub ready: bool,
+    /// Successful applies.
+    pub syncs: u64,
+    /// Last source or apply problem, cleared by the next successful sync.
+    pub last_error: Option<String>,
+    /// The state last applied.
+    pub applied: DesiredState,
+}
+
+/// Everything the tasks of a running agent share.
+#[derive(Debug)]
+pub struct Context {
+    /// Flags the agent runs with.
+    pub args: AgentArgs,
+    /// The data plane; `None` once reset.
+    pub dataplane: Arc<Mutex<Option<Dataplane>>>,
+    /// How start-up went.
+    pub report: StartReport,
+    /// Exported metrics.
+    pub metrics: Metrics,
+    /// Log filter control.
+    pub log: LogControl,
+    /// Sync status.
+    pub status: Mutex<SyncStatus>,
+    /// Requests to tear down and stop, answered once done.
+    pub reset_tx: mpsc::Sender<oneshot::Sender<Result<(), String>>>,
+}
+
+impl Context {
+    /// True after the first successful sync.
+    pub fn is_ready(&self) -> bool {
+        self.status.lock().unwrap_or_else(|p| p.into_inner()).ready
+    }
+
+    /// Last problem, if any.
+    pub fn last_error(&self) -> Option<String> {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .last_error
+            .clone()
+    }
+
+    fn with_status<R>(&self, f: impl FnOnce(&mut SyncStatus) -> R) -> R {
+        f(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// Lower-case name of a restart kind.
+pub fn restart_kind_name(kind: RestartKind) -> &'static str {
+    match kind {
+        RestartKind::Fresh => "fresh",
+        RestartKind::Warm => "warm",
+        RestartKind::Migrated => "migrated",
+    }
+}
+
+/// `(name, adoptable, reason)` of a start-up decision.
+pub fn describe_decision(d: &StartupDecision) -> (&'static str, bool, String) {
+    match d {
+        StartupDecision::Fresh => ("fresh", true, "nothing pinned: will load and attach".into()),
+        StartupDecision::SameLayout { layout } => (
+            "same-layout",
+            true,
+            format!("layout {layout} pinned: will reuse the maps and replace programs in place"),
+        ),
+        StartupDecision::Migrate { from, to } => (
+            "migrate",
+            true,
+            format!(
+                "will copy the maps from layout {from} to layout {to}, then swap programs in place"
+            ),
+        ),
+        StartupDecision::Unknown { found, reason } => (
+            "unknown",
+            false,
+            format!("cannot adopt pinned layout {found}: {reason}"),
+        ),
+    }
+}
+
+/// Entry point of `meshlet-agent`: dispatch the subcommand and map the outcome to an exit code.
+pub fn main(cli: Cli) -> ExitCode {
+    let log = match init_logging(&cli.agent.log_level, cli.agent.log_json) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("meshlet-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let args = cli.agent;
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Preflight => match dataplane::preflight(&args.dataplane()) {
+            Ok(d) => {
+                let (name, ok, reason) = describe_decision(&d);
+                println!("{name}: {reason}");
+                if ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(EXIT_UNADOPTABLE)
+                }
+            }
+            Err(e) => {
+                eprintln!("meshlet-agent preflight: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Reset => match dataplane::reset(&args.dataplane()) {
+            Ok(()) => {
+                println!("data plane under {} torn down", args.bpffs_root.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("meshlet-agent reset: {e}");
+                exit_code_for(&AgentError::Dataplane(e))
+            }
+        },
+        Command::Run => {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("meshlet-agent: {}", AgentError::Runtime(e));
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(run(args, log)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    error!(error = %e, "agent stopped");
+                    eprintln!("meshlet-agent: {e}");
+                    exit_code_for(&e)
+                }
+            }
+        }
+    }
+}
+
+fn exit_code_for(e: &AgentError) -> ExitCode {
+    match e {
+        AgentError::Dataplane(DataplaneError::UnknownLayout { .. }) => {
+            ExitCode::from(EXIT_UNADOPTABLE)
+        }
+        AgentError::Dataplane(DataplaneError::LockHeld { .. }) => ExitCode::from(EXIT_LOCKED),
+        _ => ExitCode::FAILURE,
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, AgentError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| AgentError::Task(e.to_string()))
+}
+
+/// Run the agent until SIGTERM/SIGINT (data plane left attached) or an admin reset.
+pub async fn run(args: AgentArgs, log: LogControl) -> Result<(), AgentError> {
+    // Install handlers first: a SIGTERM during start-up then waits for start-up to finish.
+    let mut sigterm = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
+
+    let cfg = args.dataplane();
+    info!(bpffs_root = %cfg.bpffs_root.display(), cgroup = %cfg.cgroup.display(), layout = cfg.layout, "starting data plane");
+    let (dp, report) = blocking(move || Dataplane::start(cfg)).await??;
+    let kind = restart_kind_name(report.kind);
+    info!(
+        kind,
+        duration_us = report.duration.as_micros() as u64,
+        link_ids_unchanged = report.link_ids_unchanged,
+        "data plane serving"
+    );
+    let dataplane = Arc::new(Mutex::new(Some(dp)));
+    let observed = {
+        let dp = dataplane.clone();
+        blocking(move || {
+            let guard = dp.lock().unwrap_or_else(|p| p.into_inner());
+            guard.as_ref().map(Dataplane::observed).transpose()
+        })
+        .await??
+        .unwrap_or_default()
+    };
+    info!(
+        services = observed.services.len(),
+        "index rebuilt from the maps"
+    );
+
+    let (reset_tx, mut reset_rx) = mpsc::channel(1);
+    let metrics = Metrics::new();
+    Metrics::inc(&metrics.restarts, kind);
+    metrics.start_duration.set(report.duration.as_secs_f64());
+    let ctx = Arc::new(Context {
+        args: args.clone(),
+        dataplane,
+        report,
+        metrics,
+        log,
+        status: Mutex::new(SyncStatus {
+            applied: observed.clone(),
+            ..SyncStatus::default()
+        }),
+        reset_tx,
+    });
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let admin = crate::admin::serve(ctx.clone(), wait_stop(stop_rx.clone()))?;
+    let http = match args.metrics_addr {
+        Some(addr) => {
+            Some(crate::metrics::serve(ctx.clone(), addr, wait_stop(stop_rx.clone())).await?)
+        }
+        None => None,
+    };
+
+    let (tx, mut rx) = mpsc::channel::<SourceUpdate>(16);
+    let mut sources: Vec<Box<dyn Source>> = Vec::new();
+    if let Some(path) = &args.standalone {
+        let limits = Limits {
+            max_services: args.max_services,
+            max_endpoints: args.max_endpoints,
+        };
+        let poll = Duration::from_millis(args.standalone_poll_ms.max(10));
+        sources.push(Box::new(StandaloneSource::new(path.clone(), poll, limits)));
+    }
+    if sources.is_empty() {
+        warn!("no source configured (--standalone): keeping the maps as they are");
+        ctx.with_status(|s| s.ready = true);
+        ctx.metrics.ready.set(1);
+    }
+    let mut index = Index::new(sources.iter().map(|s| s.name()), observed);
+    let tasks: Vec<_> = sources.into_iter().map(|s| s.spawn(tx.clone())).collect();
+    drop(tx);
+
+    let mut reset_reply = None;
+    // After a failed apply the same state is retried with a growing delay.
+    let mut retry: Option<(tokio::time::Instant, Duration)> = None;
+    loop {
+        let retry_at = retry.map(|(at, _)| at);
+        tokio::select! {
+            _ = async { if let Some(at) = retry_at { tokio::time::sleep_until(at).await } }, if retry_at.is_some() => {
+                let backoff = retry.map(|(_, d)| d).unwrap_or(Duration::from_millis(200));
+                retry = None;
+                if let Some(desired) = index.desired()
+                    && !sync(&ctx, &mut index, desired).await?
+                {
+                    let next = (backoff * 2).min(Duration::from_secs(10));
+                    retry = Some((tokio::time::Instant::now() + next, next));
+                }
+            }
+            _ = sigterm.recv() => { info!("SIGTERM: exiting, data plane stays attached"); break; }
+            _ = sigint.recv() => { info!("SIGINT: exiting, data plane stays attached"); break; }
+            Some(reply) = reset_rx.recv() => { reset_reply = Some(reply); break; }
+            Some(update) = rx.recv() => {
+                let source = update.source;
+                match index.update(update) {
+                    Change::Unchanged => {}
+                    Change::Refused(msg) => {
+                        error!(source, error = %msg, "source refused; the data plane keeps its last good state");
+                        Metrics::inc(&ctx.metrics.syncs, "refused");
+                        ctx.with_status(|s| s.last_error = Some(msg));
+                    }
+                    Change::Apply(desired) => {
+                        retry = if sync(&ctx, &mut index, desired).await? {
+                            None
+                        } else {
+                            let first = Duration::from_millis(200);
+                            Some((tokio::time::Instant::now() + first, first))
+                        };
+                    }
+                }
+            }
+        }
+    }
+    for t in tasks {
+        t.abort();
+    }
+    let _ = stop_tx.send(true);
+    let _ = admin.await;
+    if let Some(h) = http {
+        let _ = h.await;
+    }
+    if let Some(reply) = reset_reply {
+        let dp = ctx.dataplane.clone();
+        let cfg = args.dataplane();
+        let outcome = blocking(move || {
+            // Dropping the data plane releases the node lock, which reset takes itself.
+            drop(dp.lock().unwrap_or_else(|p| p.into_inner()).take());
+            dataplane::reset(&cfg)
+        })
+        .await?;
+        let _ = reply.send(outcome.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+        outcome?;
+        info!("data plane torn down on request");
+    }
+    Ok(())
+}
+
+async fn wait_stop(mut rx: tokio::sync::watch::Receiver<bool>) {
+    while !*rx.borrow() {
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Apply `desired`; `Ok(false)` when the apply failed and should be retried.
+async fn sync(
+    ctx: &Arc<Context>,
+    index: &mut Index,
+    desired: DesiredState,
+) -> Result<bool, AgentError> {
+    let dp = ctx.dataplane.clone();
+    let want = desired.clone();
+    let started = Instant::now();
+    let result = blocking(move || {
+        let mut guard = dp.lock().unwrap_or_else(|p| p.into_inner());
+        guard.as_mut().map(|d| d.apply(&want))
+    })
+    .await?;
+    let elapsed = started.elapsed();
+    match result {
+        None => Ok(true),
+        Some(Ok(stats)) => {
+            ctx.metrics.sync_duration.observe(elapsed.as_secs_f64());
+            Metrics::inc(&ctx.metrics.syncs, "applied");
+            ctx.metrics.ready.set(1);
+            info!(
+                services = desired.services.len(),
+                upserted = stats.services_upserted,
+                removed = stats.services_removed,
+                backends_written = stats.backends_written,
+                duration_us = stats.duration.as_micros() as u64,
+                "synced"
+            );
+            index.applied(desired.clone());
+            ctx.with_status(|s| {
+                s.ready = true;
+                s.syncs += 1;
+                s.last_error = None;
+                s.applied = desired;
+            });
+            Ok(true)
+        }
+        Some(Err(e)) => {
+            error!(error = %e, "apply failed; the maps keep their previous content where not yet written");
+            Metrics::inc(&ctx.metrics.syncs, "failed");
+            index.apply_failed();
+            ctx.with_status(|s| s.last_error = Some(e.to_string()));
+            Ok(false)
+        }
+    }
+}

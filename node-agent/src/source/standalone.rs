@@ -1,0 +1,532 @@
+//! The standalone source: a YAML file of services and endpoints, polled for changes.
+//!
+//! ```text
+//!  file ─► read + hash (every poll interval) ─► changed? ─► parse (located YAML tree)
+//!        ─► validate (ranges, families, duplicates, capacities) ─► DesiredState snapshot
+//! ```
+//!
+//! Format (documented with examples in `examples/standalone/README.md`):
+//!
+//! ```yaml
+//! services:
+//!   - name: web
+//!     vip: 127.100.0.1
+//!     ports:
+//!       - port: 80            # 1..65535
+//!         protocol: TCP       # TCP (default) or UDP
+//!         targetPort: 8080    # optional, default: port
+//!     endpoints:
+//!       - address: 127.0.0.1
+//!         port: 8081          # optional; only when the service has a single port
+//!         weight: 2           # optional, 1..65535, default 1
+//! ```
+//!
+//! Every refusal names the file, the line and the field, and says what is allowed.
+
+use std::collections::HashMap;
+use std::collections::hash_map::DefaultHasher;
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::{Source, SourceEvent, SourceUpdate};
+use crate::model::{Backend, DesiredState, Protocol, ServiceKey};
+
+/// Capacities a file must fit in (the data-plane map sizes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Maximum number of frontends (VIP:port/protocol).
+    pub max_services: u32,
+    /// Maximum number of backends summed over all frontends.
+    pub max_endpoints: u32,
+}
+
+/// One problem found in a file, with its location.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issue {
+    /// 1-based line (0 when unknown).
+    pub line: u64,
+    /// Field path, e.g. `services[1].endpoints[0].port`.
+    pub field: String,
+    /// What is wrong and what is allowed.
+    pub message: String,
+}
+
+impl Issue {
+    fn new(line: u64, field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            line,
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Issues rendered as `file:line: field: message`, one per line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issues {
+    /// File as given on the command line.
+    pub file: String,
+    /// Every issue found (at least one).
+    pub issues: Vec<Issue>,
+}
+
+impl fmt::Display for Issues {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, issue) in self.issues.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(
+                f,
+                "{}:{}: {}: {}",
+                self.file, issue.line, issue.field, issue.message
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Errors of the standalone source, named for the step that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StandaloneError {
+    /// The file could not be read.
+    #[error("failed to read standalone source {path}: {source}")]
+    ReadFile {
+        /// File path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid YAML of the expected shape (syntax, unknown key, wrong type).
+    #[error("failed to parse {0}")]
+    Parse(Issues),
+    /// The file parsed but its content is refused (ranges, families, duplicates, capacity).
+    #[error("refused {0}")]
+    Validate(Issues),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDoc {
+    services: Spanned<Vec<Spanned<ServiceDoc>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceDoc {
+    name: Spanned<String>,
+    vip: Spanned<String>,
+    ports: Spanned<Vec<Spanned<PortDoc>>>,
+    #[serde(default)]
+    endpoints: Vec<Spanned<EndpointDoc>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct PortDoc {
+    port: Spanned<i64>,
+    protocol: Option<Spanned<String>>,
+    target_port: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EndpointDoc {
+    address: Spanned<String>,
+    port: Option<Spanned<i64>>,
+    weight: Option<Spanned<i64>>,
+}
+
+fn port_in_range(v: &Spanned<i64>, field: String, issues: &mut Vec<Issue>) -> Option<u16> {
+    match u16::try_from(v.value) {
+        Ok(p) if p >= 1 => Some(p),
+        _ => {
+            issues.push(Issue::new(
+                v.referenced.line(),
+                field,
+                format!("must be 1..65535, got {}", v.value),
+            ));
+            None
+        }
+    }
+}
+
+fn parse_ip(v: &Spanned<String>, field: String, issues: &mut Vec<Issue>) -> Option<IpAddr> {
+    match v.value.trim().parse::<IpAddr>() {
+        Ok(ip) => Some(ip),
+        Err(_) => {
+            issues.push(Issue::new(
+                v.referenced.line(),
+                field,
+                format!("must be an IPv4 or IPv6 address, got {:?}", v.value),
+            ));
+            None
+        }
+    }
+}
+
+fn family(ip: IpAddr) -> &'static str {
+    if ip.is_ipv4() { "IPv4" } else { "IPv6" }
+}
+
+fn is_blank(text: &str) -> bool {
+    text.lines().all(|l| {
+        let t = l.trim();
+        t.is_empty() || t.starts_with('#') || t == "---"
+    })
+}
+
+/// The mapping key written on `line` (1-based), or `(yaml)` when the line has none.
+fn key_on_line(text: &str, line: u64) -> String {
+    let Some(src) = usize::try_from(line)
+        .ok()
+        .and_then(|l| l.checked_sub(1))
+        .and_then(|l| text.lines().nth(l))
+    else {
+        return "(yaml)".into();
+    };
+    let t = src.trim_start().trim_start_matches("- ").trim_start();
+    match t.split_once(':') {
+        Some((k, _))
+            if !k.is_empty()
+                && k.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') =>
+        {
+            k.to_string()
+        }
+        _ => "(yaml)".into(),
+    }
+}
+
+/// The library's message without its own location prefix and snippet, in our words.
+fn yaml_message(rendered: &str) -> String {
+    let first = rendered.lines().next().unwrap_or("invalid YAML").trim();
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    let body = match (first.starts_with("line "), first.split_once(": ")) {
+        (true, Some((_, rest))) => rest,
+        _ => first,
+    };
+    match body {
+        "invalid i64" => "must be an integer".to_string(),
+        "expected sequence start" => "must be a list".to_string(),
+        "expected mapping start" => "must be a mapping (key: value)".to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// Parse and validate the text of a standalone file. `file` names it in messages.
+pub fn parse(file: &str, text: &str, limits: Limits) -> Result<DesiredState, StandaloneError> {
+    let located = |issues| Issues {
+        file: file.to_string(),
+        issues,
+    };
+    if is_blank(text) {
+        return Err(StandaloneError::Parse(located(vec![Issue::new(
+            1,
+            "(document)",
+            "file is empty; expected a `services:` list (write `services: []` for none)",
+        )])));
+    }
+    let doc: FileDoc = serde_saphyr::from_str(text).map_err(|e| {
+        let (line, column) = e
+            .location()
+            .map(|l| (l.line(), l.column()))
+            .unwrap_or((0, 0));
+        let rendered = e.to_string();
+        let message = yaml_message(&rendered);
+        // A missing key is reported where its mapping is; name the key, not a neighbour.
+        let field = match message
+            .strip_prefix("missing field `")
+            .and_then(|r| r.split_once('`'))
+        {
+            Some((missing, _)) => missing.to_string(),
+            None => key_on_line(text, line),
+        };
+        StandaloneError::Parse(located(vec![Issue::new(
+            line,
+            field,
+            format!("{message} (column {column})"),
+        )]))
+    })?;
+
+    let mut issues = Vec::new();
+    let mut state = DesiredState::default();
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    let mut frontends: HashMap<ServiceKey, (usize, u64)> = HashMap::new();
+    let mut endpoint_total: u64 = 0;
+
+    for (si, svc) in doc.services.value.iter().enumerate() {
+        let at = format!("services[{si}]");
+        let s = &svc.value;
+        let name = s.name.value.trim();
+        if name.is_empty() {
+            issues.push(Issue::new(
+                s.name.referenced.line(),
+                format!("{at}.name"),
+                "must not be empty",
+            ));
+        } else if let Some(prev) = names.insert(name, si) {
+            issues.push(Issue::new(
+                s.name.referenced.line(),
+                format!("{at}.name"),
+                format!("duplicate service name {name:?}, already used by services[{prev}]"),
+            ));
+        }
+        let vip = parse_ip(&s.vip, format!("{at}.vip"), &mut issues);
+        if s.ports.value.is_empty() {
+            issues.push(Issue::new(
+                s.ports.referenced.line(),
+                format!("{at}.ports"),
+                "must list at least one port",
+            ));
+        }
+        // Resolve ports: (frontend port, protocol, target port).
+        let mut ports = Vec::new();
+        for (pi, p) in s.ports.value.iter().enumerate() {
+            let pat = format!("{at}.ports[{pi}]");
+            let port = port_in_range(&p.value.port, format!("{pat}.port"), &mut issues);
+            let protocol = match &p.value.protocol {
+                None => Some(Protocol::Tcp),
+                Some(v) => match v.value.to_ascii_uppercase().as_str() {
+                    "TCP" => Some(Protocol::Tcp),
+                    "UDP" => Some(Protocol::Udp),
+                    _ => {
+                        issues.push(Issue::new(
+                            v.referenced.line(),
+                            format!("{pat}.protocol"),
+                            format!("must be TCP or UDP, got {:?}", v.value),
+                        ));
+                        None
+                    }
+                },
+            };
+            let target = match &p.value.target_port {
+                None => port,
+                Some(t) => port_in_range(t, format!("{pat}.targetPort"), &mut issues),
+            };
+            if let (Some(vip), Some(port), Some(protocol)) = (vip, port, protocol) {
+                let key = ServiceKey {
+                    vip,
+                    port,
+                    protocol,
+                };
+                let line = p.referenced.line();
+                if let Some((prev, prev_line)) = frontends.insert(key, (si, line)) {
+                    let proto = if protocol == Protocol::Tcp {
+                        "TCP"
+                    } else {
+                        "UDP"
+                    };
+                    issues.push(Issue::new(
+                        line,
+                        pat.clone(),
+                        format!(
+                            "duplicate frontend {vip}:{port}/{proto}, already defined by \
+                             services[{prev}] at line {prev_line}"
+                        ),
+                    ));
+                }
+                ports.push((key, target));
+            }
+        }
+        let many_ports = s.ports.value.len() > 1;
+        let mut backends_by_target: Vec<(Option<u16>, IpAddr, u16)> = Vec::new();
+        let mut seen: HashMap<(IpAddr, Option<u16>), usize> = HashMap::new();
+        for (ei, ep) in s.endpoints.iter().enumerate() {
+            let eat = format!("{at}.endpoints[{ei}]");
+            let e = &ep.value;
+            let addr = parse_ip(&e.address, format!("{eat}.address"), &mut issues);
+            if let (Some(addr), Some(vip)) = (addr, vip)
+                && addr.is_ipv4() != vip.is_ipv4()
+            {
+                issues.push(Issue::new(
+                    e.address.referenced.line(),
+                    format!("{eat}.address"),
+                    format!(
+                        "address family {} of {addr} does not match the service VIP {vip} ({})",
+                        family(addr),
+                        family(vip)
+                    ),
+                ));
+            }
+            let port = match &e.port {
+                None => None,
+                Some(p) => {
+                    if many_ports {
+                        issues.push(Issue::new(
+                            p.referenced.line(),
+                            format!("{eat}.port"),
+                            "is ambiguous for a service with several ports; set ports[].targetPort instead",
+                        ));
+                    }
+                    port_in_range(p, format!("{eat}.port"), &mut issues)
+                }
+            };
+            let weight = match &e.weight {
+                None => Some(1),
+                Some(w) => match u16::try_from(w.value) {
+                    Ok(w16) if w16 >= 1 => Some(w16),
+                    _ => {
+                        issues.push(Issue::new(
+                            w.referenced.line(),
+                            format!("{eat}.weight"),
+                            format!("must be 1..65535, got {}", w.value),
+                        ));
+                        None
+                    }
+                },
+            };
+            if let (Some(addr), Some(weight)) = (addr, weight) {
+                if let Some(prev) = seen.insert((addr, port), ei) {
+                    issues.push(Issue::new(
+                        ep.referenced.line(),
+                        eat.clone(),
+                        format!("duplicate endpoint {addr}, already listed as endpoints[{prev}]"),
+                    ));
+                }
+                backends_by_target.push((port, addr, weight));
+            }
+        }
+        for (key, target) in ports {
+            let Some(target) = target else { continue };
+            let mut backends: Vec<Backend> = backends_by_target
+                .iter()
+                .map(|&(port, addr, weight)| Backend {
+                    addr,
+                    port: port.unwrap_or(target),
+                    weight,
+                })
+                .collect();
+            backends.sort();
+            endpoint_total += backends.len() as u64;
+            state.services.insert(key, backends);
+        }
+    }
+
+    if state.services.len() as u64 > u64::from(limits.max_services) {
+        issues.push(Issue::new(
+            doc.services.referenced.line(),
+            "services",
+            format!(
+                "{} frontends (VIP:port/protocol) exceed the capacity of {}; raise --max-services",
+                state.services.len(),
+                limits.max_services
+            ),
+        ));
+    }
+    if endpoint_total > u64::from(limits.max_endpoints) {
+        issues.push(Issue::new(
+            doc.services.referenced.line(),
+            "services",
+            format!(
+                "{endpoint_total} endpoints (summed over frontends) exceed the capacity of {}; \
+                 raise --max-endpoints",
+                limits.max_endpoints
+            ),
+        ));
+    }
+    if issues.is_empty() {
+        Ok(state)
+    } else {
+        issues.sort_by_key(|i| i.line);
+        Err(StandaloneError::Validate(located(issues)))
+    }
+}
+
+/// Read and parse a standalone file from disk.
+pub fn load(path: &Path, limits: Limits) -> Result<DesiredState, StandaloneError> {
+    let text = std::fs::read_to_string(path).map_err(|source| StandaloneError::ReadFile {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(&path.display().to_string(), &text, limits)
+}
+
+/// The standalone source: polls its file and sends a snapshot whenever the content changes.
+#[derive(Debug, Clone)]
+pub struct StandaloneSource {
+    path: PathBuf,
+    poll: Duration,
+    limits: Limits,
+}
+
+impl StandaloneSource {
+    /// A source reading `path` every `poll`.
+    pub fn new(path: PathBuf, poll: Duration, limits: Limits) -> Self {
+        Self { path, poll, limits }
+    }
+}
+
+/// Name of the standalone source in the index.
+pub const SOURCE_NAME: &str = "standalone";
+
+impl Source for StandaloneSource {
+    fn name(&self) -> &'static str {
+        SOURCE_NAME
+    }
+
+    fn spawn(self: Box<Self>, tx: mpsc::Sender<SourceUpdate>) -> JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut last: Option<u64> = None;
+            let mut ticker = tokio::time::interval(self.poll);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                let read = tokio::fs::read(&self.path).await;
+                let (hash, event) = match read {
+                    Err(source) => {
+                        let err = StandaloneError::ReadFile {
+                            path: self.path.clone(),
+                            source,
+                        };
+                        (u64::MAX, SourceEvent::Invalid(err.to_string()))
+                    }
+                    Ok(bytes) => {
+                        let mut h = DefaultHasher::new();
+                        bytes.hash(&mut h);
+                        let hash = h.finish();
+                        if last == Some(hash) {
+                            continue;
+                        }
+                        let event = match String::from_utf8(bytes) {
+                            Err(_) => SourceEvent::Invalid(format!(
+                                "{}:0: (document): file is not UTF-8 text",
+                                self.path.display()
+                            )),
+                            Ok(text) => {
+                                match parse(&self.path.display().to_string(), &text, self.limits) {
+                                    Ok(state) => SourceEvent::Snapshot(state),
+                                    Err(e) => SourceEvent::Invalid(e.to_string()),
+                                }
+                            }
+                        };
+                        (hash, event)
+                    }
+                };
+                if last == Some(hash) {
+                    continue;
+                }
+                last = Some(hash);
+                if tx
+                    .send(SourceUpdate {
+                        source: SOURCE_NAME,
+                        event,
+                    })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        })
+    }
+}

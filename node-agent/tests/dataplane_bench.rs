@@ -9,7 +9,7 @@
 mod dataplane_support;
 
 use std::collections::BTreeMap;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -22,12 +22,17 @@ const CLIENT_ENV: &str = "MESHLET_BENCH_CLIENT";
 const PHASE: Duration = Duration::from_millis(1500);
 const BACKEND_PORTS: [u16; 2] = [36000, 36001];
 
-/// Connections per second to `target` for `PHASE`, closing with RST so no TIME_WAIT piles up.
+/// Connections per second to `target` for `PHASE`: connect, read one byte, close with RST so
+/// no TIME_WAIT piles up.
 fn connect_rate(target: SocketAddr) -> f64 {
     let started = Instant::now();
     let mut n = 0u64;
     while started.elapsed() < PHASE {
-        let stream = TcpStream::connect(target).expect("connect in benchmark");
+        let mut stream = TcpStream::connect(target).expect("connect in benchmark");
+        let mut byte = [0u8; 1];
+        stream
+            .read_exact(&mut byte)
+            .expect("read the backend's byte");
         let _ = nix::sys::socket::setsockopt(
             &stream,
             nix::sys::socket::sockopt::Linger,
@@ -53,8 +58,10 @@ fn benchmark_client_process() {
     for port in BACKEND_PORTS {
         let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind backend");
         std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                drop(conn);
+            // Write one byte, wait for the client's reset: nobody lingers in TIME_WAIT.
+            for mut conn in listener.incoming().flatten() {
+                let _ = conn.write_all(b"x");
+                let _ = conn.read(&mut [0u8; 1]);
             }
         });
     }
@@ -162,7 +169,7 @@ fn run_client(
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text
         .lines()
-        .find_map(|l| l.strip_prefix("BENCH "))
+        .find_map(|l| l.split_once("BENCH ").map(|(_, json)| json))
         .unwrap_or_else(|| {
             panic!(
                 "client printed no result: {text} {}",

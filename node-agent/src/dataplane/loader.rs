@@ -456,50 +456,36 @@ fn copy_converted(paths: &Paths, from: u32, to: u32) -> Result<(), DataplaneErro
         RawMap::open(&paths.map_next("backend")).map_err(sys_err("BPF_OBJ_GET", "backend_next"))?;
 
     // Backends first, then endpoints (cumulative weights need the converted backend weights).
-    let mut weights = std::collections::HashMap::new();
-    let mut keys = Vec::new();
-    let mut values = Vec::new();
-    let mut n = 0usize;
-    let mut buf = vec![0u8; old_be.facts.value_size as usize];
-    for key in old_be
-        .keys()
-        .map_err(sys_err("BPF_MAP_GET_NEXT_KEY", "backend"))?
-    {
-        if !old_be
-            .lookup(&key, &mut buf)
-            .map_err(sys_err("BPF_MAP_LOOKUP_ELEM", "backend"))?
-        {
-            continue;
-        }
-        let converted = tables::convert_backend(from, to, &buf);
+    let old_backends = old_be
+        .dump()
+        .map_err(sys_err("BPF_MAP_LOOKUP_BATCH", "backend"))?;
+    let mut weights = std::collections::HashMap::with_capacity(old_backends.count);
+    let mut values = Vec::with_capacity(old_backends.count * tables::backend_value_size(to));
+    for (key, value) in old_backends.entries() {
+        let converted = tables::convert_backend(from, to, value);
         let weight = if to == 1 {
             1
         } else {
             u16::from_ne_bytes([converted[18], converted[19]])
         };
-        weights.insert(key.clone(), u32::from(weight));
-        keys.extend_from_slice(&key);
+        weights.insert(
+            u32::from_ne_bytes([key[0], key[1], key[2], key[3]]),
+            u32::from(weight),
+        );
         values.extend_from_slice(&converted);
-        n += 1;
     }
     new_be
-        .update_batch(&keys, &values, n)
+        .update_batch(&old_backends.keys, &values, old_backends.count)
         .map_err(sys_err("BPF_MAP_UPDATE_BATCH", "backend_next"))?;
 
-    let mut entries: Vec<((u32, u32), Vec<u8>)> = Vec::new();
-    let mut buf = vec![0u8; old_ep.facts.value_size as usize];
-    for key in old_ep
-        .keys()
-        .map_err(sys_err("BPF_MAP_GET_NEXT_KEY", "endpoint"))?
-    {
-        if old_ep
-            .lookup(&key, &mut buf)
-            .map_err(sys_err("BPF_MAP_LOOKUP_ELEM", "endpoint"))?
-        {
-            entries.push((tables::decode_endpoint_key(&key), buf.clone()));
-        }
-    }
-    entries.sort_by_key(|(k, _)| *k);
+    let old_endpoints = old_ep
+        .dump()
+        .map_err(sys_err("BPF_MAP_LOOKUP_BATCH", "endpoint"))?;
+    let mut entries: Vec<((u32, u32), &[u8])> = old_endpoints
+        .entries()
+        .map(|(k, v)| (tables::decode_endpoint_key(k), v))
+        .collect();
+    entries.sort_unstable_by_key(|(k, _)| *k);
     let (mut keys, mut values, mut n) = (Vec::new(), Vec::new(), 0usize);
     let mut current = None;
     let mut cum = 0u32;
@@ -508,15 +494,10 @@ fn copy_converted(paths: &Paths, from: u32, to: u32) -> Result<(), DataplaneErro
             current = Some(service);
             cum = 0;
         }
-        let backend = tables::decode_endpoint_backend(&value);
-        cum = cum.saturating_add(
-            weights
-                .get(backend.to_ne_bytes().as_slice())
-                .copied()
-                .unwrap_or(1),
-        );
+        let backend = tables::decode_endpoint_backend(value);
+        cum = cum.saturating_add(weights.get(&backend).copied().unwrap_or(1));
         keys.extend_from_slice(&tables::endpoint_key(service, index));
-        values.extend_from_slice(&tables::convert_endpoint(from, to, &value, cum));
+        values.extend_from_slice(&tables::convert_endpoint(from, to, value, cum));
         n += 1;
     }
     new_ep

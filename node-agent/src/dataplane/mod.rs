@@ -351,142 +351,104 @@ impl Dataplane {
         Ok((dp, report))
     }
 
-    /// Reads the maps into the index (service ids, backend ids, backends).
+    /// Reads the maps into the index (service ids, backend ids, backends) with batched
+    /// lookups, then deletes entries no frontend reaches (left by an interrupted apply).
     fn rebuild_index(&mut self) -> Result<(), DataplaneError> {
+        use std::collections::{HashMap, HashSet};
         let layout = self.cfg.layout;
+        let dump =
+            |map: &RawMap, name: &str| map.dump().map_err(syscall("BPF_MAP_LOOKUP_BATCH", name));
+        let fe = dump(&self.maps.frontend, "frontend")?;
+        let sv = dump(&self.maps.service, "service")?;
+        let ep = dump(&self.maps.endpoint, "endpoint")?;
+        let be = dump(&self.maps.backend, "backend")?;
+        let id_of = |k: &[u8]| u32::from_ne_bytes([k[0], k[1], k[2], k[3]]);
+        let services: HashMap<u32, (u32, u32)> = sv
+            .entries()
+            .map(|(k, v)| (id_of(k), tables::decode_service_value(v)))
+            .collect();
+        let endpoints: HashMap<(u32, u32), u32> = ep
+            .entries()
+            .map(|(k, v)| {
+                (
+                    tables::decode_endpoint_key(k),
+                    tables::decode_endpoint_backend(v),
+                )
+            })
+            .collect();
+        let backends: HashMap<u32, &[u8]> = be.entries().map(|(k, v)| (id_of(k), v)).collect();
+
         let mut index = Index::default();
-        let mut svc = [0u8; 8];
-        let mut fe = [0u8; 4];
-        let mut ep = vec![0u8; tables::endpoint_value_size(layout)];
-        let mut be = vec![0u8; tables::backend_value_size(layout)];
-        let keys = self
-            .maps
-            .frontend
-            .keys()
-            .map_err(syscall("BPF_MAP_GET_NEXT_KEY", "frontend"))?;
-        for key in keys {
-            let Some(service) = tables::decode_frontend_key(&key) else {
+        for (key, value) in fe.entries() {
+            let Some(service) = tables::decode_frontend_key(key) else {
                 return Err(DataplaneError::Corrupt {
                     map: "frontend",
                     detail: format!("undecodable key {key:?}"),
                 });
             };
-            if !self
-                .maps
-                .frontend
-                .lookup(&key, &mut fe)
-                .map_err(syscall("BPF_MAP_LOOKUP_ELEM", "frontend"))?
-            {
-                continue;
-            }
-            let service_id = u32::from_ne_bytes(fe);
-            let found = self
-                .maps
-                .service
-                .lookup(&service_id.to_ne_bytes(), &mut svc)
-                .map_err(syscall("BPF_MAP_LOOKUP_ELEM", "service"))?;
-            if !found {
+            let service_id = id_of(value);
+            let Some((count, _)) = services.get(&service_id) else {
                 return Err(DataplaneError::Corrupt {
                     map: "service",
                     detail: format!("service id {service_id} missing"),
                 });
-            }
-            let (count, _) = tables::decode_service_value(&svc);
+            };
             let mut installed = Installed {
                 service_id,
                 backend_ids: Vec::new(),
                 backends: Vec::new(),
             };
-            for i in 0..count {
-                let found = self
-                    .maps
-                    .endpoint
-                    .lookup(&tables::endpoint_key(service_id, i), &mut ep)
-                    .map_err(syscall("BPF_MAP_LOOKUP_ELEM", "endpoint"))?;
-                if !found {
+            for i in 0..*count {
+                let Some(backend_id) = endpoints.get(&(service_id, i)) else {
                     return Err(DataplaneError::Corrupt {
                         map: "endpoint",
                         detail: format!("{service_id}/{i} missing"),
                     });
-                }
-                let backend_id = tables::decode_endpoint_backend(&ep);
-                let found = self
-                    .maps
-                    .backend
-                    .lookup(&backend_id.to_ne_bytes(), &mut be)
-                    .map_err(syscall("BPF_MAP_LOOKUP_ELEM", "backend"))?;
-                if !found {
+                };
+                let Some(raw) = backends.get(backend_id) else {
                     return Err(DataplaneError::Corrupt {
                         map: "backend",
                         detail: format!("backend {backend_id} missing"),
                     });
-                }
-                installed.backend_ids.push(backend_id);
+                };
+                installed.backend_ids.push(*backend_id);
                 installed.backends.push(tables::decode_backend_value(
                     layout,
-                    &be,
+                    raw,
                     tables::family(&service),
                 ));
-                index.backend_ids.mark(backend_id);
+                index.backend_ids.mark(*backend_id);
             }
             index.service_ids.mark(service_id);
             index.services.insert(service, installed);
         }
-        self.index = index;
-        self.collect_orphans()?;
-        Ok(())
-    }
 
-    /// Deletes service, endpoint and backend entries no frontend reaches (left by an apply
-    /// that was interrupted).
-    fn collect_orphans(&mut self) -> Result<(), DataplaneError> {
-        let live_services: std::collections::HashSet<u32> =
-            self.index.services.values().map(|s| s.service_id).collect();
-        let live_backends: std::collections::HashSet<u32> = self
-            .index
+        let live_services: HashSet<u32> = index.services.values().map(|s| s.service_id).collect();
+        let live_backends: HashSet<u32> = index
             .services
             .values()
             .flat_map(|s| s.backend_ids.iter().copied())
             .collect();
-        for key in self
-            .maps
-            .service
-            .keys()
-            .map_err(syscall("BPF_MAP_GET_NEXT_KEY", "service"))?
-        {
-            if !live_services.contains(&u32::from_ne_bytes([key[0], key[1], key[2], key[3]])) {
-                self.maps
-                    .service
-                    .delete(&key)
-                    .map_err(syscall("BPF_MAP_DELETE_ELEM", "service"))?;
+        let orphans = |d: &sys::Dump, live: &dyn Fn(&[u8]) -> bool| {
+            let mut keys = Vec::new();
+            let mut n = 0usize;
+            for (k, _) in d.entries() {
+                if !live(k) {
+                    keys.extend_from_slice(k);
+                    n += 1;
+                }
             }
-        }
-        for key in self
-            .maps
-            .endpoint
-            .keys()
-            .map_err(syscall("BPF_MAP_GET_NEXT_KEY", "endpoint"))?
-        {
-            if !live_services.contains(&tables::decode_endpoint_key(&key).0) {
-                self.maps
-                    .endpoint
-                    .delete(&key)
-                    .map_err(syscall("BPF_MAP_DELETE_ELEM", "endpoint"))?;
-            }
-        }
-        for key in self
-            .maps
-            .backend
-            .keys()
-            .map_err(syscall("BPF_MAP_GET_NEXT_KEY", "backend"))?
-        {
-            if !live_backends.contains(&u32::from_ne_bytes([key[0], key[1], key[2], key[3]])) {
-                self.maps
-                    .backend
-                    .delete(&key)
-                    .map_err(syscall("BPF_MAP_DELETE_ELEM", "backend"))?;
-            }
-        }
+            (keys, n)
+        };
+        let (sk, sn) = orphans(&sv, &|k| live_services.contains(&id_of(k)));
+        let (ek, en) = orphans(&ep, &|k| {
+            live_services.contains(&tables::decode_endpoint_key(k).0)
+        });
+        let (bk, bn) = orphans(&be, &|k| live_backends.contains(&id_of(k)));
+        self.index = index;
+        self.delete_keys(MapName::Service, &sk, sn)?;
+        self.delete_keys(MapName::Endpoint, &ek, en)?;
+        self.delete_keys(MapName::Backend, &bk, bn)?;
         Ok(())
     }
 

@@ -23,6 +23,7 @@ const OBJ_PIN: i64 = 6;
 const OBJ_GET: i64 = 7;
 const PROG_GET_FD_BY_ID: i64 = 13;
 const OBJ_GET_INFO_BY_FD: i64 = 15;
+const MAP_LOOKUP_BATCH: i64 = 24;
 const MAP_UPDATE_BATCH: i64 = 26;
 const MAP_DELETE_BATCH: i64 = 27;
 const LINK_UPDATE: i64 = 29;
@@ -180,6 +181,31 @@ pub fn link_facts(fd: BorrowedFd<'_>) -> io::Result<LinkFacts> {
     })
 }
 
+/// Every entry of a map, packed.
+#[derive(Debug, Default)]
+pub struct Dump {
+    /// Keys, `count * key_size` bytes.
+    pub keys: Vec<u8>,
+    /// Values, `count * value_size` bytes.
+    pub values: Vec<u8>,
+    /// Number of entries.
+    pub count: usize,
+    /// Key size.
+    pub key_size: usize,
+    /// Value size.
+    pub value_size: usize,
+}
+
+impl Dump {
+    /// Iterates (key, value) pairs.
+    pub fn entries(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.keys
+            .chunks(self.key_size.max(1))
+            .zip(self.values.chunks(self.value_size.max(1)))
+            .take(self.count)
+    }
+}
+
 /// A map opened by fd with its key and value sizes, for byte-level access.
 #[derive(Debug)]
 pub struct RawMap {
@@ -268,6 +294,52 @@ impl RawMap {
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(keys),
                 Err(e) => return Err(e),
             }
+        }
+    }
+
+    /// `BPF_MAP_LOOKUP_BATCH` over the whole map: every key and value, packed, with the count.
+    /// Not for per-CPU maps.
+    pub fn dump(&self) -> io::Result<Dump> {
+        const CHUNK: usize = 4096;
+        let ks = self.facts.key_size as usize;
+        let vs = self.facts.value_size as usize;
+        let mut out = Dump {
+            keys: Vec::new(),
+            values: Vec::new(),
+            count: 0,
+            key_size: ks,
+            value_size: vs,
+        };
+        let mut keys = vec![0u8; CHUNK * ks];
+        let mut values = vec![0u8; CHUNK * vs];
+        let mut token_in = [0u8; 64];
+        let mut token_out = [0u8; 64];
+        let mut first = true;
+        loop {
+            let mut attr = Attr::default()
+                .ptr(8, token_out.as_mut_ptr())
+                .ptr(16, keys.as_mut_ptr())
+                .ptr(24, values.as_mut_ptr())
+                .u32(32, CHUNK as u32)
+                .u32(36, fd_u32(self.fd()));
+            if !first {
+                attr = attr.ptr(0, token_in.as_ptr());
+            }
+            let res = bpf(MAP_LOOKUP_BATCH, &mut attr, 56);
+            let n = read_u32(&attr.0, 32) as usize;
+            let done = match res {
+                Ok(_) => false,
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+                Err(e) => return Err(e),
+            };
+            out.keys.extend_from_slice(&keys[..n * ks]);
+            out.values.extend_from_slice(&values[..n * vs]);
+            out.count += n;
+            if done {
+                return Ok(out);
+            }
+            token_in = token_out;
+            first = false;
         }
     }
 

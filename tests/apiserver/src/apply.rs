@@ -107,9 +107,9 @@ fn collect(value: &Value, prefix: &mut Path, out: &mut FieldSet) {
         match v {
             Value::Object(inner) if !inner.is_empty() => collect(v, prefix, out),
             Value::Array(items) => {
-                if let Some(key) = merge_key(k, items.first()).filter(|key| {
-                    items.iter().all(|i| i.get(*key).is_some())
-                }) {
+                if let Some(key) = merge_key(k, items.first())
+                    .filter(|key| items.iter().all(|i| i.get(*key).is_some()))
+                {
                     for item in items {
                         prefix.push(key_segment(item, key));
                         out.insert(prefix.clone());
@@ -474,12 +474,16 @@ pub fn apply(
     // Leaves this manager applied before, no longer applies, and nobody else owns: remove.
     let previous: FieldSet = entries
         .iter()
-        .find(|e| e.manager == w.manager && e.operation == "Apply" && e.subresource == w.subresource)
+        .find(|e| {
+            e.manager == w.manager && e.operation == "Apply" && e.subresource == w.subresource
+        })
         .map(|e| e.fields.clone())
         .unwrap_or_default();
     let others: FieldSet = entries
         .iter()
-        .filter(|e| !(e.manager == w.manager && e.operation == "Apply" && e.subresource == w.subresource))
+        .filter(|e| {
+            !(e.manager == w.manager && e.operation == "Apply" && e.subresource == w.subresource)
+        })
         .flat_map(|e| e.fields.iter().cloned())
         .collect();
     let mut dropped: Vec<&Path> = previous
@@ -541,10 +545,17 @@ mod tests {
         let first = apply(None, &a, &writer("alice"), false).expect("first apply");
         let b = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"}, "spec": {"replicas": 3}});
         let err = apply(Some(&first), &b, &writer("bob"), false).expect_err("conflict");
-        assert!(err.to_string().contains("conflict with \"alice\": .spec.replicas"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("conflict with \"alice\": .spec.replicas"),
+            "{err}"
+        );
         let forced = apply(Some(&first), &b, &writer("bob"), true).expect("forced");
         assert_eq!(forced["spec"]["replicas"], 3);
-        assert_eq!(managers(&forced).get("bob").map(String::as_str), Some("Apply"));
+        assert_eq!(
+            managers(&forced).get("bob").map(String::as_str),
+            Some("Apply")
+        );
         assert!(!managers(&forced).contains_key("alice"));
     }
 
@@ -553,7 +564,10 @@ mod tests {
         let a = json!({"metadata": {"name": "d", "labels": {"x": "1", "y": "2"}}, "spec": {"containers": [{"name": "c", "image": "i"}]}});
         let first = apply(None, &a, &writer("alice"), false).expect("apply");
         let fv1 = &first["metadata"]["managedFields"][0]["fieldsV1"];
-        assert!(fv1["f:spec"]["f:containers"]["k:{\"name\":\"c\"}"]["."].is_object(), "{fv1}");
+        assert!(
+            fv1["f:spec"]["f:containers"]["k:{\"name\":\"c\"}"]["."].is_object(),
+            "{fv1}"
+        );
         let second = json!({"metadata": {"name": "d", "labels": {"x": "1"}}, "spec": {"containers": [{"name": "c", "image": "i"}]}});
         let out = apply(Some(&first), &second, &writer("alice"), false).expect("apply");
         assert_eq!(out["metadata"]["labels"], json!({"x": "1"}));

@@ -15,7 +15,8 @@ use serde_json::{Map, Value, json};
 use crate::resources::{Registry, ResourceType};
 
 /// Content type of aggregated discovery v2 responses.
-pub const AGGREGATED_V2: &str = "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList";
+pub const AGGREGATED_V2: &str =
+    "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList";
 
 /// Failures of discovery lookups.
 #[derive(Debug, thiserror::Error)]
@@ -83,7 +84,11 @@ pub fn api_group(reg: &Registry, group: &str) -> Result<Value, DiscoveryError> {
 }
 
 /// `GET /api/v1` or `/apis/{group}/{version}`.
-pub fn api_resource_list(reg: &Registry, group: &str, version: &str) -> Result<Value, DiscoveryError> {
+pub fn api_resource_list(
+    reg: &Registry,
+    group: &str,
+    version: &str,
+) -> Result<Value, DiscoveryError> {
     let all = groups(reg);
     let types = all
         .get(group)
@@ -103,8 +108,10 @@ pub fn api_resource_list(reg: &Registry, group: &str, version: &str) -> Result<V
         }
         resources.push(r);
         if t.has_status {
-            resources.push(json!({"name": format!("{}/status", t.resource), "singularName": "",
-                "namespaced": t.namespaced, "kind": t.kind, "verbs": ["get", "patch", "update"]}));
+            resources.push(
+                json!({"name": format!("{}/status", t.resource), "singularName": "",
+                "namespaced": t.namespaced, "kind": t.kind, "verbs": ["get", "patch", "update"]}),
+            );
         }
     }
     let gv = if group.is_empty() {
@@ -112,7 +119,9 @@ pub fn api_resource_list(reg: &Registry, group: &str, version: &str) -> Result<V
     } else {
         format!("{group}/{version}")
     };
-    Ok(json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}))
+    Ok(
+        json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}),
+    )
 }
 
 /// Aggregated discovery for `/api` (`legacy = true`) or `/apis`.
@@ -223,12 +232,17 @@ pub fn openapi_group_version(reg: &Registry, path: &str) -> Result<Value, Discov
                    "parameters": params, "responses": {"200": {"description": "OK"}}});
             if has_schema {
                 o["requestBody"] = body.clone();
-                o["responses"]["200"]["content"] = json!({"application/json": {"schema": reference}});
+                o["responses"]["200"]["content"] =
+                    json!({"application/json": {"schema": reference}});
             }
             o
         };
         let base = if t.namespaced {
-            format!("/{}/namespaces/{{namespace}}/{}", gv_path(&t.group, &t.version), t.resource)
+            format!(
+                "/{}/namespaces/{{namespace}}/{}",
+                gv_path(&t.group, &t.version),
+                t.resource
+            )
         } else {
             format!("/{}/{}", gv_path(&t.group, &t.version), t.resource)
         };
@@ -243,10 +257,9 @@ pub fn openapi_group_version(reg: &Registry, path: &str) -> Result<Value, Discov
                 json!({"get": op("get"), "put": op("put"), "patch": op("patch")}),
             );
         }
-        let mut schema = t
-            .schema
-            .clone()
-            .unwrap_or_else(|| json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true}));
+        let mut schema = t.schema.clone().unwrap_or_else(
+            || json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true}),
+        );
         if let Value::Object(m) = &mut schema {
             m.insert("x-kubernetes-group-version-kind".into(), json!([gvk]));
         }

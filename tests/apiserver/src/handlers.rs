@@ -41,13 +41,16 @@ fn percent_decode(s: &str) -> String {
     while i < bytes.len() {
         match bytes[i] {
             b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() + 0 && i + 2 <= bytes.len() - 1 => {
-                match u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                    Ok(b) => {
+            b'%' if i + 2 < bytes.len() => {
+                match std::str::from_utf8(&bytes[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                {
+                    Some(b) => {
                         out.push(b);
                         i += 2;
                     }
-                    Err(_) => out.push(b'%'),
+                    None => out.push(b'%'),
                 }
             }
             b => out.push(b),
@@ -87,7 +90,8 @@ fn error_response(e: &ApiError) -> Response {
 
 fn with_warnings(mut r: Response, warnings: &[String]) -> Response {
     for w in warnings {
-        if let Ok(v) = http::HeaderValue::from_str(&format!("299 - \"{}\"", w.replace('"', "\\\""))) {
+        if let Ok(v) = http::HeaderValue::from_str(&format!("299 - \"{}\"", w.replace('"', "\\\"")))
+        {
             r.headers_mut().append("Warning", v);
         }
     }
@@ -131,14 +135,17 @@ fn parse_body(headers: &HeaderMap, body: &[u8]) -> Result<Value, ApiError> {
         .unwrap_or("application/json");
     if ct.contains("protobuf") || ct.contains("cbor") {
         return Err(ApiError::UnsupportedMediaType {
-            message: format!("the body of the request was in an unknown format - accepted media types include: application/json, application/yaml (got \"{ct}\")"),
+            message: format!(
+                "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml (got \"{ct}\")"
+            ),
         });
     }
     match serde_json::from_slice::<Value>(body) {
         Ok(v) => Ok(v),
         Err(json_err) if ct.contains("yaml") => {
-            let text = std::str::from_utf8(body)
-                .map_err(|e| ApiError::bad_request(format!("the request body is not UTF-8: {e}")))?;
+            let text = std::str::from_utf8(body).map_err(|e| {
+                ApiError::bad_request(format!("the request body is not UTF-8: {e}"))
+            })?;
             serde_saphyr::from_str::<Value>(text).map_err(|e| {
                 ApiError::bad_request(format!(
                     "the request body is neither valid JSON ({json_err}) nor valid YAML: {e}"
@@ -232,7 +239,7 @@ fn route(srv: &Server, segs: &[&str]) -> Result<Target, ApiError> {
     {
         return Err(not_found_path());
     }
-    if !sub.is_empty() && !(sub == "status" && rt.has_status) {
+    if !(sub.is_empty() || (sub == "status" && rt.has_status)) {
         return Err(not_found_path());
     }
     Ok(Target {
@@ -249,15 +256,21 @@ pub async fn handle(State(srv): State<Arc<Server>>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let query = parse_query(parts.uri.query());
     let path = parts.uri.path().to_string();
-    let segs: Vec<&str> = path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
+    let segs: Vec<&str> = path
+        .trim_matches('/')
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
     let result = async {
         match segs.as_slice() {
             ["healthz"] | ["readyz"] | ["livez"] => {
                 return Ok(Response::new(Body::from("ok")));
             }
             ["version"] => {
-                return Ok(ok(&json!({"major": "1", "minor": "37", "gitVersion": "v1.37.1-meshlet-test",
-                    "platform": "linux/amd64", "goVersion": "n/a (meshlet test server)"})));
+                return Ok(ok(
+                    &json!({"major": "1", "minor": "37", "gitVersion": "v1.37.1-meshlet-test",
+                    "platform": "linux/amd64", "goVersion": "n/a (meshlet test server)"}),
+                ));
             }
             _ => {}
         }
@@ -271,10 +284,18 @@ pub async fn handle(State(srv): State<Arc<Server>>, req: Request) -> Response {
         let aggregated = accept.contains("as=APIGroupDiscoveryList") && accept.contains("v=v2");
         match segs.as_slice() {
             ["api"] if aggregated => {
-                return Ok(json_response(200, &discovery::aggregated(&srv.registry, true), discovery::AGGREGATED_V2));
+                return Ok(json_response(
+                    200,
+                    &discovery::aggregated(&srv.registry, true),
+                    discovery::AGGREGATED_V2,
+                ));
             }
             ["apis"] if aggregated => {
-                return Ok(json_response(200, &discovery::aggregated(&srv.registry, false), discovery::AGGREGATED_V2));
+                return Ok(json_response(
+                    200,
+                    &discovery::aggregated(&srv.registry, false),
+                    discovery::AGGREGATED_V2,
+                ));
             }
             ["api"] => return Ok(ok(&discovery::api_versions())),
             ["apis"] => return Ok(ok(&discovery::api_group_list(&srv.registry))),
@@ -330,7 +351,10 @@ pub async fn handle(State(srv): State<Arc<Server>>, req: Request) -> Response {
         };
         match selected_name {
             Some(name) => {
-                let narrowed = Target { name, ..target.clone_shallow() };
+                let narrowed = Target {
+                    name,
+                    ..target.clone_shallow()
+                };
                 authorize(&srv, &user, &narrowed, verb)?;
             }
             None => authorize(&srv, &user, &target, verb)?,
@@ -378,7 +402,10 @@ fn authenticate(srv: &Server, headers: &HeaderMap) -> Result<User, ApiError> {
         None if srv.opts.anonymous_is_admin => User::admin(),
         None => return Err(ApiError::Unauthorized),
     };
-    let Some(as_user) = headers.get("Impersonate-User").and_then(|v| v.to_str().ok()) else {
+    let Some(as_user) = headers
+        .get("Impersonate-User")
+        .and_then(|v| v.to_str().ok())
+    else {
         return Ok(user);
     };
     if !user.is_master() {
@@ -387,7 +414,11 @@ fn authenticate(srv: &Server, headers: &HeaderMap) -> Result<User, ApiError> {
                 "users \"{as_user}\" is forbidden: User \"{}\" cannot impersonate resource \"users\" in API group \"\" at the cluster scope",
                 user.name
             ),
-            subject: Subject { name: as_user.to_string(), group: String::new(), kind: "users".into() },
+            subject: Subject {
+                name: as_user.to_string(),
+                group: String::new(),
+                kind: "users".into(),
+            },
         });
     }
     if let Some(rest) = as_user.strip_prefix("system:serviceaccount:")
@@ -401,7 +432,11 @@ fn authenticate(srv: &Server, headers: &HeaderMap) -> Result<User, ApiError> {
         .filter_map(|v| v.to_str().ok().map(str::to_string))
         .collect();
     groups.push("system:authenticated".into());
-    Ok(User { name: as_user.to_string(), groups, service_account: None })
+    Ok(User {
+        name: as_user.to_string(),
+        groups,
+        service_account: None,
+    })
 }
 
 fn authorize(srv: &Server, user: &User, t: &Target, verb: &str) -> Result<(), ApiError> {
@@ -522,8 +557,14 @@ fn list(ctx: &Ctx<'_>, t: &Target) -> Result<Response, ApiError> {
         .unwrap_or(usize::MAX);
     let key = |o: &Value| {
         (
-            o.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or_default().to_string(),
-            o.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default().to_string(),
+            o.pointer("/metadata/namespace")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
+            o.pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
         )
     };
     let mut matching = items
@@ -623,7 +664,11 @@ fn table(rt: &ResourceType, items: &[Arc<Value>], rv: u64, cont: Option<String>)
     let mut columns = vec![json!({"name": "Name", "type": "string", "format": "name",
         "description": "Name of the object", "priority": 0})];
     for c in &rt.printer_columns {
-        let type_ = if c.type_ == "date" { "string" } else { c.type_.as_str() };
+        let type_ = if c.type_ == "date" {
+            "string"
+        } else {
+            c.type_.as_str()
+        };
         columns.push(json!({"name": c.name, "type": type_, "format": "", "description": "", "priority": c.priority}));
     }
     let has_age = rt.printer_columns.iter().any(|c| c.name == "Age");
@@ -639,7 +684,9 @@ fn table(rt: &ResourceType, items: &[Arc<Value>], rv: u64, cont: Option<String>)
                 cells.push(if c.type_ == "date" { age(&v) } else { v });
             }
             if !has_age {
-                cells.push(age(o.pointer("/metadata/creationTimestamp").unwrap_or(&Value::Null)));
+                cells.push(age(o
+                    .pointer("/metadata/creationTimestamp")
+                    .unwrap_or(&Value::Null)));
             }
             let meta = o.get("metadata").cloned().unwrap_or(Value::Null);
             json!({"cells": cells, "object": {"kind": "PartialObjectMetadata",
@@ -716,9 +763,19 @@ fn watch(ctx: &Ctx<'_>, t: &Target) -> Result<Response, ApiError> {
         rt: t.rt.clone(),
         table: wants_table(ctx.accept),
     };
-    let requested = ctx.query.get("resourceVersion").cloned().unwrap_or_default();
-    let bookmarks = ctx.query.get("allowWatchBookmarks").is_some_and(|v| v == "true");
-    let send_initial = ctx.query.get("sendInitialEvents").is_some_and(|v| v == "true");
+    let requested = ctx
+        .query
+        .get("resourceVersion")
+        .cloned()
+        .unwrap_or_default();
+    let bookmarks = ctx
+        .query
+        .get("allowWatchBookmarks")
+        .is_some_and(|v| v == "true");
+    let send_initial = ctx
+        .query
+        .get("sendInitialEvents")
+        .is_some_and(|v| v == "true");
     let timeout = ctx
         .query
         .get("timeoutSeconds")
@@ -760,7 +817,11 @@ fn watch(ctx: &Ctx<'_>, t: &Target) -> Result<Response, ApiError> {
                 let _ = tx.send(Ok(line)).await;
             });
         }
-        Err(e) => return Err(ApiError::Internal { message: e.to_string() }),
+        Err(e) => {
+            return Err(ApiError::Internal {
+                message: e.to_string(),
+            });
+        }
         Ok((backlog, mut live)) => {
             let bookmark_every = ctx.srv.opts.bookmark_interval;
             let bookmark_template = json!({"kind": t.rt.kind, "apiVersion": t.rt.api_version()});
@@ -833,7 +894,9 @@ fn watch(ctx: &Ctx<'_>, t: &Target) -> Result<Response, ApiError> {
         .header(header::CONTENT_TYPE, ct)
         .header(header::TRANSFER_ENCODING, "chunked")
         .body(Body::from_stream(ReceiverStream::new(rx)))
-        .map_err(|e| ApiError::Internal { message: e.to_string() })
+        .map_err(|e| ApiError::Internal {
+            message: e.to_string(),
+        })
 }
 
 fn filter_is_table(accept: &str) -> bool {
@@ -890,7 +953,11 @@ fn pruned_paths(before: &Value, after: &Value, prefix: &str, out: &mut Vec<Strin
     match (before, after) {
         (Value::Object(b), Value::Object(a)) => {
             for (k, bv) in b {
-                let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                let p = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
                 match a.get(k) {
                     None => out.push(p),
                     Some(av) => pruned_paths(bv, av, &p, out),
@@ -981,7 +1048,13 @@ fn admit(
                 )));
             }
             new["metadata"]["name"] = json!(t.name);
-            for k in ["uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation"] {
+            for k in [
+                "uid",
+                "creationTimestamp",
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
+                "generation",
+            ] {
                 match old.pointer(&format!("/metadata/{k}")) {
                     Some(v) => new["metadata"][k] = v.clone(),
                     None => {
@@ -1003,8 +1076,10 @@ fn admit(
                             }
                         }
                     }
-                    merged["metadata"]["managedFields"] =
-                        new.pointer("/metadata/managedFields").cloned().unwrap_or(Value::Null);
+                    merged["metadata"]["managedFields"] = new
+                        .pointer("/metadata/managedFields")
+                        .cloned()
+                        .unwrap_or(Value::Null);
                     if merged["metadata"]["managedFields"].is_null()
                         && let Value::Object(m) = &mut merged["metadata"]
                     {
@@ -1031,11 +1106,15 @@ fn admit(
                     .unwrap_or_default()
                     .to_string();
                 if prefix.is_empty() {
-                    return Err(invalid(t, "", vec![Cause {
-                        reason: "FieldValueRequired".into(),
-                        message: "Required value: name or generateName is required".into(),
-                        field: "metadata.name".into(),
-                    }]));
+                    return Err(invalid(
+                        t,
+                        "",
+                        vec![Cause {
+                            reason: "FieldValueRequired".into(),
+                            message: "Required value: name or generateName is required".into(),
+                            field: "metadata.name".into(),
+                        }],
+                    ));
                 }
                 new["metadata"]["name"] = json!(format!("{prefix}{}", random_suffix(ctx.srv)));
             }
@@ -1046,7 +1125,10 @@ fn admit(
                 m.remove("deletionTimestamp");
                 m.remove("resourceVersion");
             }
-            if rt.has_status && rt.kind != "Namespace" && rt.kind != "Node" && rt.kind != "Pod"
+            if rt.has_status
+                && rt.kind != "Namespace"
+                && rt.kind != "Node"
+                && rt.kind != "Pod"
                 && let Value::Object(m) = &mut new
             {
                 m.remove("status");
@@ -1082,7 +1164,10 @@ fn admit(
         if !pruned.is_empty() {
             match ctx.query.get("fieldValidation").map(String::as_str) {
                 Some("Strict") => {
-                    let list: Vec<String> = pruned.iter().map(|p| format!("unknown field \"{p}\"")).collect();
+                    let list: Vec<String> = pruned
+                        .iter()
+                        .map(|p| format!("unknown field \"{p}\""))
+                        .collect();
                     return Err(ApiError::bad_request(format!(
                         "{} in version \"{}\" cannot be handled as a {}: strict decoding error: {}",
                         rt.kind,
@@ -1100,25 +1185,36 @@ fn admit(
         "CustomResourceDefinition" if rt.group == "apiextensions.k8s.io" => {
             let types = resources::from_crd(&new).map_err(|e| {
                 let (field, message) = match e {
-                    resources::ResourcesError::CompileSchema { version, message } => {
-                        (format!("spec.versions[{version}].schema.openAPIV3Schema"), message)
-                    }
+                    resources::ResourcesError::CompileSchema { version, message } => (
+                        format!("spec.versions[{version}].schema.openAPIV3Schema"),
+                        message,
+                    ),
                     other => ("spec".to_string(), other.to_string()),
                 };
-                invalid(t, &name, vec![Cause {
-                    reason: "FieldValueInvalid".into(),
-                    message,
-                    field,
-                }])
+                invalid(
+                    t,
+                    &name,
+                    vec![Cause {
+                        reason: "FieldValueInvalid".into(),
+                        message,
+                        field,
+                    }],
+                )
             })?;
             if let Some(first) = types.first() {
                 let expected = format!("{}.{}", first.resource, first.group);
                 if name != expected {
-                    return Err(invalid(t, &name, vec![Cause {
-                        reason: "FieldValueInvalid".into(),
-                        message: format!("Invalid value: \"{name}\": must be spec.names.plural+\".\"+spec.group"),
-                        field: "metadata.name".into(),
-                    }]));
+                    return Err(invalid(
+                        t,
+                        &name,
+                        vec![Cause {
+                            reason: "FieldValueInvalid".into(),
+                            message: format!(
+                                "Invalid value: \"{name}\": must be spec.names.plural+\".\"+spec.group"
+                            ),
+                            field: "metadata.name".into(),
+                        }],
+                    ));
                 }
             }
             let now = now_rfc3339();
@@ -1143,7 +1239,9 @@ fn admit(
         }
         "Secret" if rt.group.is_empty() => {
             // Like the real server: stringData is write-only and merged into data.
-            if let Some(Value::Object(sd)) = new.as_object_mut().and_then(|m| m.remove("stringData")) {
+            if let Some(Value::Object(sd)) =
+                new.as_object_mut().and_then(|m| m.remove("stringData"))
+            {
                 for (k, v) in sd {
                     let text = v.as_str().unwrap_or_default();
                     new["data"][k] = json!(base64(text.as_bytes()));
@@ -1155,7 +1253,10 @@ fn admit(
             if new.pointer("/metadata/deletionTimestamp").is_none() {
                 new["status"] = json!({"phase": "Active"});
             }
-            let mut labels = new.pointer("/metadata/labels").cloned().unwrap_or(json!({}));
+            let mut labels = new
+                .pointer("/metadata/labels")
+                .cloned()
+                .unwrap_or(json!({}));
             labels["kubernetes.io/metadata.name"] = json!(name);
             new["metadata"]["labels"] = labels;
         }
@@ -1164,7 +1265,10 @@ fn admit(
     if let Some(old) = old
         && spec_part(old) != spec_part(&new)
     {
-        let g = old.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(1);
+        let g = old
+            .pointer("/metadata/generation")
+            .and_then(Value::as_i64)
+            .unwrap_or(1);
         new["metadata"]["generation"] = json!(g + 1);
     }
     Ok(Admitted { obj: new, warnings })
@@ -1174,7 +1278,11 @@ fn base64(bytes: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
@@ -1209,7 +1317,13 @@ fn invalid(t: &Target, name: &str, causes: Vec<Cause>) -> ApiError {
     }
 }
 
-fn writer<'a>(ctx: &Ctx<'_>, t: &'a Target, manager: &'a str, time: &'a str, api_version: &'a str) -> Writer<'a> {
+fn writer<'a>(
+    ctx: &Ctx<'_>,
+    t: &'a Target,
+    manager: &'a str,
+    time: &'a str,
+    api_version: &'a str,
+) -> Writer<'a> {
     let _ = ctx;
     Writer {
         manager,
@@ -1243,7 +1357,9 @@ fn map_store_error(t: &Target, name: &str, e: StoreError) -> ApiError {
             subject,
             causes: Vec::new(),
         },
-        other => ApiError::Internal { message: other.to_string() },
+        other => ApiError::Internal {
+            message: other.to_string(),
+        },
     }
 }
 
@@ -1346,9 +1462,16 @@ fn create(ctx: &Ctx<'_>, t: &Target, body: &[u8]) -> Result<Response, ApiError> 
     let manager = ctx.manager("unknown");
     let time = now_rfc3339();
     let av = t.rt.api_version();
-    apply::record_update(None, &mut admitted.obj, &writer(ctx, t, &manager, &time, &av));
+    apply::record_update(
+        None,
+        &mut admitted.obj,
+        &writer(ctx, t, &manager, &time, &av),
+    );
     let (code, obj) = commit(ctx, t, None, admitted.obj, 201)?;
-    Ok(with_warnings(json_response(code, &output(&t.rt, &obj), "application/json"), &admitted.warnings))
+    Ok(with_warnings(
+        json_response(code, &output(&t.rt, &obj), "application/json"),
+        &admitted.warnings,
+    ))
 }
 
 fn update(ctx: &Ctx<'_>, t: &Target, body: &[u8]) -> Result<Response, ApiError> {
@@ -1364,14 +1487,22 @@ fn update(ctx: &Ctx<'_>, t: &Target, body: &[u8]) -> Result<Response, ApiError> 
         .map(str::to_string);
     match sent_rv {
         Some(rv) if rv.parse::<u64>().ok() != Some(rv_of(&old)) => {
-            return Err(map_store_error(t, &t.name, StoreError::MatchResourceVersion));
+            return Err(map_store_error(
+                t,
+                &t.name,
+                StoreError::MatchResourceVersion,
+            ));
         }
         None if t.rt.is_custom() => {
-            return Err(invalid(t, &t.name, vec![Cause {
-                reason: "FieldValueInvalid".into(),
-                message: "Invalid value: 0x0: must be specified for an update".into(),
-                field: "metadata.resourceVersion".into(),
-            }]));
+            return Err(invalid(
+                t,
+                &t.name,
+                vec![Cause {
+                    reason: "FieldValueInvalid".into(),
+                    message: "Invalid value: 0x0: must be specified for an update".into(),
+                    field: "metadata.resourceVersion".into(),
+                }],
+            ));
         }
         _ => {}
     }
@@ -1379,9 +1510,16 @@ fn update(ctx: &Ctx<'_>, t: &Target, body: &[u8]) -> Result<Response, ApiError> 
     let manager = ctx.manager("unknown");
     let time = now_rfc3339();
     let av = t.rt.api_version();
-    apply::record_update(Some(&old), &mut admitted.obj, &writer(ctx, t, &manager, &time, &av));
+    apply::record_update(
+        Some(&old),
+        &mut admitted.obj,
+        &writer(ctx, t, &manager, &time, &av),
+    );
     let (code, obj) = commit(ctx, t, Some(&old), admitted.obj, 201)?;
-    Ok(with_warnings(json_response(code, &output(&t.rt, &obj), "application/json"), &admitted.warnings))
+    Ok(with_warnings(
+        json_response(code, &output(&t.rt, &obj), "application/json"),
+        &admitted.warnings,
+    ))
 }
 
 fn patch_request(ctx: &Ctx<'_>, t: &Target, body: &[u8]) -> Result<Response, ApiError> {
@@ -1411,7 +1549,7 @@ fn patch_request(ctx: &Ctx<'_>, t: &Target, body: &[u8]) -> Result<Response, Api
     // Patches are retried on concurrent writes, like the real server does.
     for _ in 0..16 {
         let old = ctx.srv.store.get(&t.gr(), &t.namespace, &t.name);
-        let manager = ctx.manager(if is_apply { "unknown" } else { "unknown" });
+        let manager = ctx.manager("unknown");
         let time = now_rfc3339();
         let av = t.rt.api_version();
         let w = writer(ctx, t, &manager, &time, &av);
@@ -1428,22 +1566,30 @@ fn patch_request(ctx: &Ctx<'_>, t: &Target, body: &[u8]) -> Result<Response, Api
                 if applied.is_object() && applied.pointer("/metadata/name").is_none() {
                     applied["metadata"]["name"] = json!(t.name);
                 }
-                let merged = apply::apply(old.as_deref(), &applied, &w, force).map_err(|e| match e {
-                    ApplyError::ResolveConflicts(conflicts) => ApiError::Conflict {
-                        message: e_to_string(&conflicts),
-                        subject: t.subject(),
-                        causes: conflicts
-                            .iter()
-                            .map(|c| Cause {
-                                reason: "FieldManagerConflict".into(),
-                                message: format!("conflict with \"{}\"{}", c.manager, c.using),
-                                field: c.field.clone(),
-                            })
-                            .collect(),
+                let merged =
+                    apply::apply(old.as_deref(), &applied, &w, force).map_err(|e| match e {
+                        ApplyError::ResolveConflicts(conflicts) => ApiError::Conflict {
+                            message: e_to_string(&conflicts),
+                            subject: t.subject(),
+                            causes: conflicts
+                                .iter()
+                                .map(|c| Cause {
+                                    reason: "FieldManagerConflict".into(),
+                                    message: format!("conflict with \"{}\"{}", c.manager, c.using),
+                                    field: c.field.clone(),
+                                })
+                                .collect(),
+                        },
+                        other => ApiError::bad_request(other.to_string()),
+                    })?;
+                (
+                    merged,
+                    if old.is_some() {
+                        Op::Update
+                    } else {
+                        Op::Create
                     },
-                    other => ApiError::bad_request(other.to_string()),
-                })?;
-                (merged, if old.is_some() { Op::Update } else { Op::Create })
+                )
             }
             (None, _) => return Err(t.not_found()),
             (Some(old), "application/merge-patch+json") => {
@@ -1453,7 +1599,8 @@ fn patch_request(ctx: &Ctx<'_>, t: &Target, body: &[u8]) -> Result<Response, Api
             }
             (Some(old), "application/json-patch+json") => {
                 let mut doc = (**old).clone();
-                patch::json_patch(&mut doc, &patch_doc).map_err(|e| ApiError::bad_request(e.to_string()))?;
+                patch::json_patch(&mut doc, &patch_doc)
+                    .map_err(|e| ApiError::bad_request(e.to_string()))?;
                 (doc, Op::Update)
             }
             (Some(old), "application/strategic-merge-patch+json") => {
@@ -1469,15 +1616,23 @@ fn patch_request(ctx: &Ctx<'_>, t: &Target, body: &[u8]) -> Result<Response, Api
             }
             (Some(_), other) => {
                 return Err(ApiError::UnsupportedMediaType {
-                    message: format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json (got \"{other}\")"),
+                    message: format!(
+                        "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json (got \"{other}\")"
+                    ),
                 });
             }
         };
         if let (Some(old), false) = (&old, is_apply)
-            && let Some(rv) = patch_doc.pointer("/metadata/resourceVersion").and_then(Value::as_str)
+            && let Some(rv) = patch_doc
+                .pointer("/metadata/resourceVersion")
+                .and_then(Value::as_str)
             && rv.parse::<u64>().ok() != Some(rv_of(old))
         {
-            return Err(map_store_error(t, &t.name, StoreError::MatchResourceVersion));
+            return Err(map_store_error(
+                t,
+                &t.name,
+                StoreError::MatchResourceVersion,
+            ));
         }
         let mut admitted = admit(ctx, t, old.as_deref(), new, op)?;
         if !is_apply {
@@ -1498,7 +1653,11 @@ fn patch_request(ctx: &Ctx<'_>, t: &Target, body: &[u8]) -> Result<Response, Api
             }
         }
     }
-    Err(map_store_error(t, &t.name, StoreError::MatchResourceVersion))
+    Err(map_store_error(
+        t,
+        &t.name,
+        StoreError::MatchResourceVersion,
+    ))
 }
 
 fn e_to_string(conflicts: &[apply::Conflict]) -> String {
@@ -1516,10 +1675,16 @@ fn delete(ctx: &Ctx<'_>, t: &Target, body: &[u8]) -> Result<Response, ApiError> 
         .store
         .get(&t.gr(), &t.namespace, &t.name)
         .ok_or_else(|| t.not_found())?;
-    if let Some(rv) = opts.pointer("/preconditions/resourceVersion").and_then(Value::as_str)
+    if let Some(rv) = opts
+        .pointer("/preconditions/resourceVersion")
+        .and_then(Value::as_str)
         && rv.parse::<u64>().ok() != Some(rv_of(&old))
     {
-        return Err(map_store_error(t, &t.name, StoreError::MatchResourceVersion));
+        return Err(map_store_error(
+            t,
+            &t.name,
+            StoreError::MatchResourceVersion,
+        ));
     }
     if let Some(uid) = opts.pointer("/preconditions/uid").and_then(Value::as_str)
         && old.pointer("/metadata/uid").and_then(Value::as_str) != Some(uid)
@@ -1529,7 +1694,9 @@ fn delete(ctx: &Ctx<'_>, t: &Target, body: &[u8]) -> Result<Response, ApiError> 
                 "Operation cannot be fulfilled on {} \"{}\": Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
                 t.gr(),
                 t.name,
-                old.pointer("/metadata/uid").and_then(Value::as_str).unwrap_or_default()
+                old.pointer("/metadata/uid")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
             ),
             subject: t.subject(),
             causes: Vec::new(),
@@ -1551,14 +1718,22 @@ fn delete_collection(ctx: &Ctx<'_>, t: &Target) -> Result<Response, ApiError> {
     let (items, rv) = ctx.srv.store.list(&t.gr(), ns);
     let mut deleted = Vec::new();
     for o in items.iter().filter(|o| ls.matches(o) && fs.matches(o)) {
-        let name = o.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default();
-        let ons = o.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or_default();
+        let name = o
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let ons = o
+            .pointer("/metadata/namespace")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
         if let Ok(d) = ctx.srv.delete_object(&t.rt, ons, name) {
             deleted.push(output(&t.rt, &d));
         }
     }
-    Ok(ok(&json!({"kind": format!("{}List", t.rt.kind), "apiVersion": t.rt.api_version(),
-        "metadata": {"resourceVersion": rv.to_string()}, "items": deleted})))
+    Ok(ok(
+        &json!({"kind": format!("{}List", t.rt.kind), "apiVersion": t.rt.api_version(),
+        "metadata": {"resourceVersion": rv.to_string()}, "items": deleted}),
+    ))
 }
 
 /// Used by the server to mint names and uids.

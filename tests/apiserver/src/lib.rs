@@ -187,8 +187,14 @@ impl Server {
             if let Some(t) = types.first() {
                 let gr = t.group_resource();
                 for o in self.store.list(&gr, None).0 {
-                    let ns = o.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or_default();
-                    let n = o.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default();
+                    let ns = o
+                        .pointer("/metadata/namespace")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default();
+                    let n = o
+                        .pointer("/metadata/name")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default();
                     let _ = self.store.remove(&gr, ns, n, Precondition::Exists);
                 }
             }
@@ -206,7 +212,10 @@ impl Server {
     ) -> Result<Value, StoreError> {
         let gr = rt.group_resource();
         for _ in 0..16 {
-            let old = self.store.get(&gr, namespace, name).ok_or(StoreError::FindObject)?;
+            let old = self
+                .store
+                .get(&gr, namespace, name)
+                .ok_or(StoreError::FindObject)?;
             let has_finalizers = old
                 .pointer("/metadata/finalizers")
                 .and_then(Value::as_array)
@@ -222,7 +231,10 @@ impl Server {
                 if is_namespace {
                     next["status"]["phase"] = json!("Terminating");
                 }
-                match self.store.put(&gr, next, Precondition::Version(store::rv_of(&old))) {
+                match self
+                    .store
+                    .put(&gr, next, Precondition::Version(store::rv_of(&old)))
+                {
                     Ok(v) => {
                         self.gc.notify_one();
                         return Ok((*v).clone());
@@ -231,7 +243,12 @@ impl Server {
                     Err(e) => return Err(e),
                 }
             }
-            match self.store.remove(&gr, namespace, name, Precondition::Version(store::rv_of(&old))) {
+            match self.store.remove(
+                &gr,
+                namespace,
+                name,
+                Precondition::Version(store::rv_of(&old)),
+            ) {
                 Ok(v) => {
                     self.after_delete(rt, &v);
                     return Ok((*v).clone());
@@ -264,17 +281,31 @@ impl Server {
             .0
             .iter()
             .filter(|n| n.pointer("/metadata/deletionTimestamp").is_some())
-            .filter_map(|n| n.pointer("/metadata/name").and_then(Value::as_str).map(str::to_string))
+            .filter_map(|n| {
+                n.pointer("/metadata/name")
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+            })
             .collect();
         let mut remaining: std::collections::HashMap<String, usize> = Default::default();
         for (t, o) in &all {
-            let ns = o.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or_default();
-            let name = o.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default();
-            let owners = o.pointer("/metadata/ownerReferences").and_then(Value::as_array);
+            let ns = o
+                .pointer("/metadata/namespace")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            let name = o
+                .pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            let owners = o
+                .pointer("/metadata/ownerReferences")
+                .and_then(Value::as_array);
             let orphaned = owners.is_some_and(|owners| {
                 !owners.is_empty()
                     && owners.iter().all(|r| {
-                        r.get("uid").and_then(Value::as_str).is_none_or(|u| !uids.contains(u))
+                        r.get("uid")
+                            .and_then(Value::as_str)
+                            .is_none_or(|u| !uids.contains(u))
                     })
             });
             let in_terminating = t.namespaced && terminating.iter().any(|n| n == ns);
@@ -287,7 +318,9 @@ impl Server {
         }
         for ns in terminating {
             if remaining.get(&ns).copied().unwrap_or(0) == 0
-                && let Ok(v) = self.store.remove("namespaces", "", &ns, Precondition::Exists)
+                && let Ok(v) = self
+                    .store
+                    .remove("namespaces", "", &ns, Precondition::Exists)
             {
                 did = true;
                 self.gc.notify_one();
@@ -327,10 +360,16 @@ impl TestApiServer {
     pub async fn start(opts: ServerOptions) -> Result<Self, ServerError> {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", opts.port))
             .await
-            .map_err(|source| ServerError::BindSocket { port: opts.port, source })?;
+            .map_err(|source| ServerError::BindSocket {
+                port: opts.port,
+                source,
+            })?;
         let addr = listener
             .local_addr()
-            .map_err(|source| ServerError::BindSocket { port: opts.port, source })?;
+            .map_err(|source| ServerError::BindSocket {
+                port: opts.port,
+                source,
+            })?;
         let (dir, tempdir) = match &opts.dir {
             Some(d) => {
                 std::fs::create_dir_all(d).map_err(ServerError::CreateDir)?;
@@ -348,7 +387,10 @@ impl TestApiServer {
         state.identities.insert(&opts.admin_token, User::admin());
         let now = handlers::now_rfc3339();
         for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
-            let uid = format!("00000000-0000-4000-8000-{:012x}", state.next_random() & 0xffff_ffff_ffff);
+            let uid = format!(
+                "00000000-0000-4000-8000-{:012x}",
+                state.next_random() & 0xffff_ffff_ffff
+            );
             state.install(
                 "namespaces",
                 json!({"apiVersion": "v1", "kind": "Namespace",
@@ -375,7 +417,10 @@ impl TestApiServer {
                 })?;
                 v["apiVersion"] = json!("apiextensions.k8s.io/v1");
                 v["kind"] = json!("CustomResourceDefinition");
-                v["metadata"]["uid"] = json!(format!("00000000-0000-4000-9000-{:012x}", state.next_random() & 0xffff_ffff_ffff));
+                v["metadata"]["uid"] = json!(format!(
+                    "00000000-0000-4000-9000-{:012x}",
+                    state.next_random() & 0xffff_ffff_ffff
+                ));
                 v["metadata"]["creationTimestamp"] = json!(now);
                 v["status"] = json!({"acceptedNames": v["spec"]["names"].clone(), "conditions": [
                     {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts", "message": "no conflicts found", "lastTransitionTime": now},
@@ -385,7 +430,12 @@ impl TestApiServer {
             }
         }
         let kubeconfig_path = dir.join("kubeconfig");
-        kubeconfig::write(&kubeconfig_path, &format!("http://{addr}"), "admin", &opts.admin_token)?;
+        kubeconfig::write(
+            &kubeconfig_path,
+            &format!("http://{addr}"),
+            "admin",
+            &opts.admin_token,
+        )?;
 
         let app = axum::Router::new()
             .fallback(handlers::handle)
@@ -432,7 +482,10 @@ impl TestApiServer {
     /// A bearer token authenticating as ServiceAccount `namespace/name` (valid while that
     /// ServiceAccount exists).
     pub fn token_for(&self, namespace: &str, name: &str) -> String {
-        let token = format!("meshlet-test-sa.{namespace}.{name}.{:016x}", self.state.next_random());
+        let token = format!(
+            "meshlet-test-sa.{namespace}.{name}.{:016x}",
+            self.state.next_random()
+        );
         self.state
             .identities
             .insert(&token, User::service_account(namespace, name));
@@ -453,7 +506,11 @@ impl TestApiServer {
     }
 
     /// A kube client authenticated as ServiceAccount `namespace/name`.
-    pub async fn client_for(&self, namespace: &str, name: &str) -> Result<kube::Client, ServerError> {
+    pub async fn client_for(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<kube::Client, ServerError> {
         client_from(&self.kubeconfig_for(namespace, name)?).await
     }
 

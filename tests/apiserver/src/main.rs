@@ -48,13 +48,19 @@ async fn main() -> anyhow::Result<()> {
         ..ServerOptions::default()
     })
     .await?;
-    println!("meshlet TEST API server (not a real cluster) listening on {}", server.url());
+    println!(
+        "meshlet TEST API server (not a real cluster) listening on {}",
+        server.url()
+    );
     println!("kubeconfig: {}", server.kubeconfig_path.display());
     for sa in &args.service_accounts {
         let (ns, name) = sa
             .split_once('/')
             .ok_or_else(|| anyhow::anyhow!("--service-account must be NAMESPACE/NAME, got {sa}"))?;
-        println!("kubeconfig for {sa}: {}", server.kubeconfig_for(ns, name)?.display());
+        println!(
+            "kubeconfig for {sa}: {}",
+            server.kubeconfig_for(ns, name)?.display()
+        );
     }
     if keep_dir.is_none() {
         println!("(temporary directory; removed on exit — pass --dir to keep it)");

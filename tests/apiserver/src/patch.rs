@@ -126,7 +126,11 @@ pub fn json_patch(target: &mut Value, patch: &Value) -> Result<(), PatchError> {
             path: path.to_string(),
             reason,
         };
-        let value = || op.get("value").cloned().ok_or_else(|| fail("missing value".into()));
+        let value = || {
+            op.get("value")
+                .cloned()
+                .ok_or_else(|| fail("missing value".into()))
+        };
         let from = || {
             op.get("from")
                 .and_then(Value::as_str)
@@ -172,7 +176,11 @@ pub fn json_patch(target: &mut Value, patch: &Value) -> Result<(), PatchError> {
 pub fn merge_key(field: &str, sample: Option<&Value>) -> Option<&'static str> {
     let has = |k: &str| sample.and_then(|s| s.get(k)).is_some();
     match field {
-        "containers" | "initContainers" | "ephemeralContainers" | "env" | "volumes"
+        "containers"
+        | "initContainers"
+        | "ephemeralContainers"
+        | "env"
+        | "volumes"
         | "imagePullSecrets" => Some("name"),
         "volumeMounts" | "volumeDevices" => Some("mountPath"),
         "conditions" => Some("type"),
@@ -265,7 +273,11 @@ pub fn strategic_merge(target: &mut Value, patch: &Value) -> Result<(), PatchErr
     Ok(())
 }
 
-fn merge_keyed_list(existing: &mut Vec<Value>, items: &[Value], key: &str) -> Result<(), PatchError> {
+fn merge_keyed_list(
+    existing: &mut Vec<Value>,
+    items: &[Value],
+    key: &str,
+) -> Result<(), PatchError> {
     if items
         .iter()
         .any(|i| i.get("$patch").and_then(Value::as_str) == Some("replace"))
@@ -317,7 +329,11 @@ mod tests {
         let bad = json!([{"op": "add", "path": "/a/-", "value": 2}, {"op": "test", "path": "/a/0", "value": 9}]);
         assert!(json_patch(&mut doc, &bad).is_err());
         assert_eq!(doc, json!({"a": [1]}));
-        json_patch(&mut doc, &json!([{"op": "add", "path": "/a/-", "value": 2}])).expect("patch");
+        json_patch(
+            &mut doc,
+            &json!([{"op": "add", "path": "/a/-", "value": 2}]),
+        )
+        .expect("patch");
         assert_eq!(doc, json!({"a": [1, 2]}));
     }
 

@@ -145,8 +145,14 @@ fn rule_allows(rule: &Value, a: &Attributes<'_>) -> bool {
 }
 
 fn subject_matches(subject: &Value, user: &User, binding_ns: &str) -> bool {
-    let kind = subject.get("kind").and_then(Value::as_str).unwrap_or_default();
-    let name = subject.get("name").and_then(Value::as_str).unwrap_or_default();
+    let kind = subject
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let name = subject
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
     match kind {
         "User" => name == user.name,
         "Group" => user.groups.iter().any(|g| g == name),
@@ -167,8 +173,14 @@ fn subject_matches(subject: &Value, user: &User, binding_ns: &str) -> bool {
 const RBAC: &str = "rbac.authorization.k8s.io";
 
 fn role_rules(store: &Store, role_ref: &Value, binding_ns: &str) -> Vec<Value> {
-    let kind = role_ref.get("kind").and_then(Value::as_str).unwrap_or_default();
-    let name = role_ref.get("name").and_then(Value::as_str).unwrap_or_default();
+    let kind = role_ref
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let name = role_ref
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
     let role = match kind {
         "ClusterRole" => store.get(&format!("clusterroles.{RBAC}"), "", name),
         "Role" => store.get(&format!("roles.{RBAC}"), binding_ns, name),
@@ -190,7 +202,9 @@ pub fn allowed(store: &Store, user: &User, a: &Attributes<'_>) -> bool {
         .chain(if a.namespace.is_empty() {
             Vec::new()
         } else {
-            store.list(&format!("rolebindings.{RBAC}"), Some(a.namespace)).0
+            store
+                .list(&format!("rolebindings.{RBAC}"), Some(a.namespace))
+                .0
         });
     for b in bindings {
         let binding_ns = b
@@ -256,18 +270,52 @@ mod tests {
                 {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"], "resourceNames": ["k"]}]}), Precondition::Absent)
             .expect("role");
         store
-            .put(&format!("clusterrolebindings.{RBAC}"), json!({"metadata": {"name": "b"},
+            .put(
+                &format!("clusterrolebindings.{RBAC}"),
+                json!({"metadata": {"name": "b"},
                 "roleRef": {"kind": "ClusterRole", "name": "r", "apiGroup": RBAC},
-                "subjects": [{"kind": "ServiceAccount", "name": "agent", "namespace": "sys"}]}), Precondition::Absent)
+                "subjects": [{"kind": "ServiceAccount", "name": "agent", "namespace": "sys"}]}),
+                Precondition::Absent,
+            )
             .expect("binding");
         let user = User::service_account("sys", "agent");
-        let attrs = |verb, group, resource, sub, name| Attributes { verb, group, resource, subresource: sub, namespace: "", name };
-        assert!(allowed(&store, &user, &attrs("patch", "meshlet.io", "nodeenrollments", "status", "n1")));
-        assert!(!allowed(&store, &user, &attrs("patch", "meshlet.io", "nodeenrollments", "", "n1")));
-        assert!(allowed(&store, &user, &attrs("get", "", "secrets", "", "k")));
-        assert!(!allowed(&store, &user, &attrs("list", "", "secrets", "", "")));
-        assert!(!allowed(&store, &User::service_account("sys", "other"), &attrs("get", "", "secrets", "", "k")));
+        let attrs = |verb, group, resource, sub, name| Attributes {
+            verb,
+            group,
+            resource,
+            subresource: sub,
+            namespace: "",
+            name,
+        };
+        assert!(allowed(
+            &store,
+            &user,
+            &attrs("patch", "meshlet.io", "nodeenrollments", "status", "n1")
+        ));
+        assert!(!allowed(
+            &store,
+            &user,
+            &attrs("patch", "meshlet.io", "nodeenrollments", "", "n1")
+        ));
+        assert!(allowed(
+            &store,
+            &user,
+            &attrs("get", "", "secrets", "", "k")
+        ));
+        assert!(!allowed(
+            &store,
+            &user,
+            &attrs("list", "", "secrets", "", "")
+        ));
+        assert!(!allowed(
+            &store,
+            &User::service_account("sys", "other"),
+            &attrs("get", "", "secrets", "", "k")
+        ));
         let msg = forbidden_message(&user, &attrs("list", "", "secrets", "", ""), "secrets");
-        assert_eq!(msg, "secrets is forbidden: User \"system:serviceaccount:sys:agent\" cannot list resource \"secrets\" in API group \"\" at the cluster scope");
+        assert_eq!(
+            msg,
+            "secrets is forbidden: User \"system:serviceaccount:sys:agent\" cannot list resource \"secrets\" in API group \"\" at the cluster scope"
+        );
     }
 }

@@ -148,7 +148,15 @@ pub fn builtins() -> Vec<ResourceType> {
         b("", "v1", "services", "Service", true, &["svc"], true),
         b("", "v1", "configmaps", "ConfigMap", true, &["cm"], false),
         b("", "v1", "secrets", "Secret", true, &[], false),
-        b("", "v1", "serviceaccounts", "ServiceAccount", true, &["sa"], false),
+        b(
+            "",
+            "v1",
+            "serviceaccounts",
+            "ServiceAccount",
+            true,
+            &["sa"],
+            false,
+        ),
         b("", "v1", "events", "Event", true, &["ev"], false),
         b(
             "discovery.k8s.io",
@@ -160,9 +168,33 @@ pub fn builtins() -> Vec<ResourceType> {
             false,
         ),
         b("apps", "v1", "daemonsets", "DaemonSet", true, &["ds"], true),
-        b("apps", "v1", "deployments", "Deployment", true, &["deploy"], true),
-        b("coordination.k8s.io", "v1", "leases", "Lease", true, &[], false),
-        b("events.k8s.io", "v1", "events", "Event", true, &["ev"], false),
+        b(
+            "apps",
+            "v1",
+            "deployments",
+            "Deployment",
+            true,
+            &["deploy"],
+            true,
+        ),
+        b(
+            "coordination.k8s.io",
+            "v1",
+            "leases",
+            "Lease",
+            true,
+            &[],
+            false,
+        ),
+        b(
+            "events.k8s.io",
+            "v1",
+            "events",
+            "Event",
+            true,
+            &["ev"],
+            false,
+        ),
         b(
             "rbac.authorization.k8s.io",
             "v1",
@@ -218,13 +250,12 @@ pub fn from_crd(crd_json: &Value) -> Result<Vec<ResourceType>, ResourcesError> {
     let spec = &crd.spec;
     let mut out = Vec::new();
     for version in spec.versions.iter().filter(|v| v.served) {
-        let validator =
-            SchemaValidator::for_crd(&crd, &version.name).map_err(|e| {
-                ResourcesError::CompileSchema {
-                    version: version.name.clone(),
-                    message: e.to_string(),
-                }
-            })?;
+        let validator = SchemaValidator::for_crd(&crd, &version.name).map_err(|e| {
+            ResourcesError::CompileSchema {
+                version: version.name.clone(),
+                message: e.to_string(),
+            }
+        })?;
         let schema = version
             .schema
             .as_ref()

@@ -85,9 +85,15 @@ impl LabelSelector {
             } else if let Some((k, v)) = part.split_once('=') {
                 (k.trim().to_string(), Op::Eq(v.trim().to_string()))
             } else if let Some((k, rest)) = part.split_once(" notin ") {
-                (k.trim().to_string(), Op::NotIn(parse_set(rest).ok_or_else(err)?))
+                (
+                    k.trim().to_string(),
+                    Op::NotIn(parse_set(rest).ok_or_else(err)?),
+                )
             } else if let Some((k, rest)) = part.split_once(" in ") {
-                (k.trim().to_string(), Op::In(parse_set(rest).ok_or_else(err)?))
+                (
+                    k.trim().to_string(),
+                    Op::In(parse_set(rest).ok_or_else(err)?),
+                )
             } else if let Some(k) = part.strip_prefix('!') {
                 (k.trim().to_string(), Op::NotExists)
             } else {
@@ -176,7 +182,12 @@ mod tests {
     #[test]
     fn set_based_label_selectors_match_like_kubernetes() {
         let obj = json!({"metadata": {"labels": {"app": "web", "tier": "fe"}}});
-        let yes = ["app=web", "app in (web,db),tier", "!missing", "tier notin (be)"];
+        let yes = [
+            "app=web",
+            "app in (web,db),tier",
+            "!missing",
+            "tier notin (be)",
+        ];
         let no = ["app!=web", "app in (db)", "missing", "!tier"];
         for s in yes {
             assert!(LabelSelector::parse(s).expect(s).matches(&obj), "{s}");
@@ -189,8 +200,16 @@ mod tests {
     #[test]
     fn field_selectors_compare_nested_fields() {
         let obj = json!({"metadata": {"name": "a"}, "spec": {"nodeName": "n1"}});
-        assert!(FieldSelector::parse("spec.nodeName=n1").expect("parse").matches(&obj));
-        assert!(!FieldSelector::parse("metadata.name!=a").expect("parse").matches(&obj));
+        assert!(
+            FieldSelector::parse("spec.nodeName=n1")
+                .expect("parse")
+                .matches(&obj)
+        );
+        assert!(
+            !FieldSelector::parse("metadata.name!=a")
+                .expect("parse")
+                .matches(&obj)
+        );
         assert!(FieldSelector::parse("garbage").is_err());
     }
 }

@@ -92,6 +92,9 @@ pub enum Precondition {
 
 type Key = (String, String);
 
+/// Events to replay and a receiver for the live ones.
+pub type WatchStart = (Vec<Arc<Event>>, broadcast::Receiver<Arc<Event>>);
+
 struct Inner {
     rv: u64,
     objects: HashMap<String, BTreeMap<Key, Arc<Value>>>,
@@ -306,10 +309,7 @@ impl Store {
 
     /// Starts a watch after resourceVersion `from`: the retained events after it, and a
     /// receiver for everything that follows (no gap, no duplicate below the backlog's end).
-    pub fn watch_from(
-        &self,
-        from: u64,
-    ) -> Result<(Vec<Arc<Event>>, broadcast::Receiver<Arc<Event>>), StoreError> {
+    pub fn watch_from(&self, from: u64) -> Result<WatchStart, StoreError> {
         let inner = self.lock();
         if from < inner.compacted {
             return Err(StoreError::WatchFromCompacted {
@@ -361,8 +361,12 @@ mod tests {
     #[test]
     fn every_write_gets_a_higher_resource_version_and_stale_writes_are_refused() {
         let s = Store::new(100);
-        let a = s.put("nodes", obj("a"), Precondition::Absent).expect("create");
-        let b = s.put("nodes", obj("b"), Precondition::Absent).expect("create");
+        let a = s
+            .put("nodes", obj("a"), Precondition::Absent)
+            .expect("create");
+        let b = s
+            .put("nodes", obj("b"), Precondition::Absent)
+            .expect("create");
         assert!(rv_of(&b) > rv_of(&a));
         assert!(matches!(
             s.put("nodes", obj("a"), Precondition::Absent),
@@ -378,7 +382,8 @@ mod tests {
     fn watch_from_a_compacted_version_is_refused_but_recent_ones_replay() {
         let s = Store::new(2);
         for n in ["a", "b", "c", "d"] {
-            s.put("nodes", obj(n), Precondition::Absent).expect("create");
+            s.put("nodes", obj(n), Precondition::Absent)
+                .expect("create");
         }
         let now = s.current_rv();
         let (backlog, _) = s.watch_from(now - 1).expect("recent");

@@ -49,7 +49,10 @@ pub fn kubectl(server: &TestApiServer, args: &[&str]) -> Output {
     Command::new(kubectl_path())
         .args(args)
         .env("KUBECONFIG", &server.kubeconfig_path)
-        .env("HOME", server.kubeconfig_path.parent().expect("kubeconfig dir"))
+        .env(
+            "HOME",
+            server.kubeconfig_path.parent().expect("kubeconfig dir"),
+        )
         .current_dir(root())
         .output()
         .expect("run kubectl")

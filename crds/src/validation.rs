@@ -198,6 +198,14 @@ impl SchemaValidator {
         &self.schema
     }
 
+    /// Static analysis of every CEL rule: strings or lists without bounds, and estimated costs
+    /// over the API server's budget. One line per warning.
+    pub fn rule_warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        collect_rule_warnings(&self.cel, "", &mut warnings);
+        warnings
+    }
+
     /// What the API server does on create/update: prune unknown fields, apply defaults, then
     /// validate (OpenAPI + CEL; transition rules use `old` when given).
     pub fn admit(&self, obj: &mut Value, old: Option<&Value>) -> Result<(), Vec<FieldError>> {
@@ -262,8 +270,12 @@ fn with_implicit_root_fields(mut schema: Value) -> Value {
     if let Some(root) = schema.as_object_mut() {
         let props = root.entry("properties").or_insert_with(|| json!({}));
         if let Some(props) = props.as_object_mut() {
-            props.entry("apiVersion").or_insert_with(|| json!({"type": "string"}));
-            props.entry("kind").or_insert_with(|| json!({"type": "string"}));
+            props
+                .entry("apiVersion")
+                .or_insert_with(|| json!({"type": "string"}));
+            props
+                .entry("kind")
+                .or_insert_with(|| json!({"type": "string"}));
             props.insert(
                 "metadata".to_owned(),
                 json!({
@@ -368,6 +380,30 @@ fn first_compile_error(compiled: &CompiledSchema, path: &str) -> Option<(String,
     alternatives
         .into_iter()
         .find_map(|child| first_compile_error(child, path))
+}
+
+fn collect_rule_warnings(compiled: &CompiledSchema, path: &str, out: &mut Vec<String>) {
+    for rule in compiled.validations.iter().flatten() {
+        // Scope analysis is left out: it mistakes comprehension variables for free ones.
+        let found = kube_cel::estimate_rule_cost(&rule.rule.rule, compiled);
+        out.extend(
+            found
+                .into_iter()
+                .map(|w| format!("{}: {}", display_path(path), w.message)),
+        );
+    }
+    let mut children: Vec<(&String, &CompiledSchema)> = compiled.properties.iter().collect();
+    children.sort_by_key(|(k, _)| k.as_str());
+    for (key, child) in children {
+        collect_rule_warnings(child, &join(path, key), out);
+    }
+    for child in compiled
+        .items
+        .iter()
+        .chain(compiled.additional_properties.iter())
+    {
+        collect_rule_warnings(child, &format!("{path}[*]"), out);
+    }
 }
 
 // ── Rewrite to plain JSON Schema ───────────────────────────────────────────────────────────

@@ -26,14 +26,16 @@ fn validators() -> BTreeMap<String, SchemaValidator> {
     all_crds()
         .iter()
         .map(|crd| {
-            let validator = SchemaValidator::for_crd(crd, "v1alpha1").expect("generated CRD compiles");
+            let validator =
+                SchemaValidator::for_crd(crd, "v1alpha1").expect("generated CRD compiles");
             (crd.spec.names.kind.clone(), validator)
         })
         .collect()
 }
 
 fn read_yaml(path: &Path) -> Value {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("parse {}: {e}", path.display()))
 }
 
@@ -41,7 +43,11 @@ fn kind_of(obj: &Value) -> String {
     obj["kind"].as_str().expect("object has a kind").to_owned()
 }
 
-fn admit(validators: &BTreeMap<String, SchemaValidator>, obj: &mut Value, old: Option<&Value>) -> Result<(), Vec<FieldError>> {
+fn admit(
+    validators: &BTreeMap<String, SchemaValidator>,
+    obj: &mut Value,
+    old: Option<&Value>,
+) -> Result<(), Vec<FieldError>> {
     validators[&kind_of(obj)].admit(obj, old)
 }
 
@@ -69,7 +75,18 @@ fn assert_keeps(admitted: &Value, written: &Value, at: &str) {
 
 #[test]
 fn every_generated_crd_compiles_into_a_validator() {
-    assert_eq!(validators().keys().collect::<Vec<_>>(), ["IPsecPolicy", "MeshConfig", "NodeEnrollment"]);
+    assert_eq!(
+        validators().keys().collect::<Vec<_>>(),
+        ["IPsecPolicy", "MeshConfig", "NodeEnrollment"]
+    );
+}
+
+#[test]
+fn every_cel_rule_is_in_scope_bounded_and_within_the_cost_budget() {
+    for (kind, validator) in validators() {
+        let warnings = validator.rule_warnings();
+        assert!(warnings.is_empty(), "{kind}: {warnings:#?}");
+    }
 }
 
 #[test]
@@ -80,8 +97,12 @@ fn every_example_is_admitted_and_keeps_what_the_user_wrote() {
     for path in examples {
         let original = read_yaml(&path);
         let mut obj = original.clone();
-        admit(&validators, &mut obj, None).unwrap_or_else(|e| panic!("{} refused: {e:?}", path.display()));
-        assert_eq!(obj["spec"]["nodeSelector"], original["spec"]["nodeSelector"]);
+        admit(&validators, &mut obj, None)
+            .unwrap_or_else(|e| panic!("{} refused: {e:?}", path.display()));
+        assert_eq!(
+            obj["spec"]["nodeSelector"],
+            original["spec"]["nodeSelector"]
+        );
         assert_eq!(obj["metadata"], original["metadata"], "{}", path.display());
         assert_keeps(&obj, &original, &path.display().to_string());
     }
@@ -93,7 +114,10 @@ fn examples_deserialize_into_the_rust_types_after_admission() {
     let mut mc = read_yaml(&repo_root().join("examples/meshconfig.yaml"));
     admit(&validators, &mut mc, None).expect("admitted");
     let mc: MeshConfig = serde_json::from_value(mc).expect("MeshConfig");
-    assert_eq!(mc.spec.upgrade.max_unavailable, k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("10%".into()));
+    assert_eq!(
+        mc.spec.upgrade.max_unavailable,
+        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("10%".into())
+    );
     let mut ipsp = read_yaml(&repo_root().join("examples/ipsecpolicy.yaml"));
     admit(&validators, &mut ipsp, None).expect("admitted");
     let ipsp: IPsecPolicy = serde_json::from_value(ipsp).expect("IPsecPolicy");
@@ -119,16 +143,22 @@ fn omitted_fields_are_filled_with_their_schema_defaults() {
     assert_eq!(spec["agent"]["logLevel"], "info");
     assert_eq!(spec["agent"]["bpffsPath"], "/sys/fs/bpf/meshlet");
     // A partly written object gets the rest of its defaults, and keeps what was written.
-    assert_eq!(spec["upgrade"], json!({
-        "paused": true, "maxUnavailable": 1, "canaryNodes": 1, "minReadySeconds": 10,
-        "progressDeadlineSeconds": 600, "autoRollback": true
-    }));
+    assert_eq!(
+        spec["upgrade"],
+        json!({
+            "paused": true, "maxUnavailable": 1, "canaryNodes": 1, "minReadySeconds": 10,
+            "progressDeadlineSeconds": 600, "autoRollback": true
+        })
+    );
     assert_eq!(spec["telemetry"]["metricsPort"], 9090);
     assert!(spec["telemetry"].get("otlpEndpoint").is_none());
 
     let mut ipsp = json!({"apiVersion": "meshlet.io/v1alpha1", "kind": "IPsecPolicy", "metadata": {"name": "p"}, "spec": {}});
     admit(&validators, &mut ipsp, None).expect("empty IPsecPolicy spec admitted");
-    assert_eq!(ipsp["spec"], json!({"algorithm": "rfc4106(gcm(aes))", "rotationInterval": "24h", "mode": "Transport"}));
+    assert_eq!(
+        ipsp["spec"],
+        json!({"algorithm": "rfc4106(gcm(aes))", "rotationInterval": "24h", "mode": "Transport"})
+    );
 
     let mut ne = json!({"apiVersion": "meshlet.io/v1alpha1", "kind": "NodeEnrollment", "metadata": {"name": "n1"}, "spec": {"nodeName": "n1"}});
     admit(&validators, &mut ne, None).expect("NodeEnrollment admitted");
@@ -148,8 +178,10 @@ fn every_invalid_fixture_is_refused_naming_the_field_and_what_is_allowed() {
                 .filter_map(|l| l.strip_prefix('#'))
                 .find_map(|l| l.trim().strip_prefix(key).map(|v| v.trim().to_owned()))
         };
-        let field = header("field:").unwrap_or_else(|| panic!("{} lacks `# field:`", path.display()));
-        let message = header("message:").unwrap_or_else(|| panic!("{} lacks `# message:`", path.display()));
+        let field =
+            header("field:").unwrap_or_else(|| panic!("{} lacks `# field:`", path.display()));
+        let message =
+            header("message:").unwrap_or_else(|| panic!("{} lacks `# message:`", path.display()));
         let old = header("old:").map(|p| {
             let mut old = read_yaml(&repo_root().join(p));
             admit(&validators, &mut old, None).expect("the old object is valid");
@@ -159,8 +191,14 @@ fn every_invalid_fixture_is_refused_naming_the_field_and_what_is_allowed() {
         match admit(&validators, &mut obj, old.as_ref()) {
             Ok(()) => failures.push(format!("{}: admitted", path.display())),
             Err(errors) => {
-                if !errors.iter().any(|e| e.field == field && e.message.contains(&message)) {
-                    failures.push(format!("{}: expected {field}: …{message}…, got {errors:#?}", path.display()));
+                if !errors
+                    .iter()
+                    .any(|e| e.field == field && e.message.contains(&message))
+                {
+                    failures.push(format!(
+                        "{}: expected {field}: …{message}…, got {errors:#?}",
+                        path.display()
+                    ));
                 }
             }
         }
@@ -187,7 +225,10 @@ fn unknown_fields_are_pruned_and_the_object_is_admitted() {
     assert!(mc["spec"]["agent"].get("imagePullPolicy").is_none());
     assert!(mc["spec"]["dataplane"].get("maxSevrices").is_none());
     assert_eq!(mc["spec"]["dataplane"]["maxServices"], 10);
-    assert_eq!(mc["metadata"], json!({"name": "default", "labels": {"team": "net"}}));
+    assert_eq!(
+        mc["metadata"],
+        json!({"name": "default", "labels": {"team": "net"}})
+    );
 }
 
 #[test]
@@ -199,28 +240,42 @@ fn node_name_cannot_change_on_update_but_an_unchanged_update_is_accepted() {
 
     let mut same = old.clone();
     same["spec"]["desiredVersion"] = json!("0.2.0");
-    ne.admit(&mut same, Some(&old)).expect("an update that keeps nodeName is accepted");
+    ne.admit(&mut same, Some(&old))
+        .expect("an update that keeps nodeName is accepted");
 
     let mut moved = old.clone();
     moved["spec"]["nodeName"] = json!("worker-2");
-    let errors = ne.admit(&mut moved, Some(&old)).expect_err("nodeName change refused");
+    let errors = ne
+        .admit(&mut moved, Some(&old))
+        .expect_err("nodeName change refused");
     assert!(
-        errors.iter().any(|e| e.field == "spec.nodeName" && e.message.contains("immutable")),
+        errors
+            .iter()
+            .any(|e| e.field == "spec.nodeName" && e.message.contains("immutable")),
         "{errors:#?}"
     );
     // On create there is no old object, so the transition rule does not apply.
     let mut fresh = moved.clone();
     fresh["metadata"]["name"] = json!("worker-2");
-    ne.admit(&mut fresh, None).expect("a new enrollment for worker-2 is fine");
+    ne.admit(&mut fresh, None)
+        .expect("a new enrollment for worker-2 is fine");
 }
 
 #[test]
 fn objects_built_with_the_rust_builders_are_admitted() {
     let validators = validators();
     let mut objects = vec![
-        serde_json::to_value(MeshConfig::test().with_version("0.2.0").with_max_unavailable(3).with_canary_nodes(0).with_node_label("mesh", "on")),
+        serde_json::to_value(
+            MeshConfig::test()
+                .with_version("0.2.0")
+                .with_max_unavailable(3)
+                .with_canary_nodes(0)
+                .with_node_label("mesh", "on"),
+        ),
         serde_json::to_value(NodeEnrollment::test("node-a").with_desired_version("0.2.0")),
-        serde_json::to_value(IPsecPolicy::test("all").with_key_secret("meshlet-system", "ipsec-key")),
+        serde_json::to_value(
+            IPsecPolicy::test("all").with_key_secret("meshlet-system", "ipsec-key"),
+        ),
     ];
     for obj in &mut objects {
         let obj = obj.as_mut().expect("serialize");
@@ -236,8 +291,18 @@ fn a_status_written_by_the_agent_is_admitted_and_a_bad_restart_kind_is_not() {
         agent_version: Some("0.2.0".into()),
         kernel_version: Some("6.18.0".into()),
         btf: Some(true),
-        programs: vec![ProgramStatus { name: "connect4".into(), id: 41, attach_point: "cgroup/connect4:/sys/fs/cgroup".into(), link_id: Some(7) }],
-        maps: vec![MapStatus { name: "services".into(), layout_version: 2, entries: 10, capacity: 5000 }],
+        programs: vec![ProgramStatus {
+            name: "connect4".into(),
+            id: 41,
+            attach_point: "cgroup/connect4:/sys/fs/cgroup".into(),
+            link_id: Some(7),
+        }],
+        maps: vec![MapStatus {
+            name: "services".into(),
+            layout_version: 2,
+            entries: 10,
+            capacity: 5000,
+        }],
         continuity: Some(Continuity {
             link_ids_stable: true,
             first_attach_time: None,
@@ -262,7 +327,13 @@ fn a_status_written_by_the_agent_is_admitted_and_a_bad_restart_kind_is_not() {
 #[test]
 fn percentages_and_counts_are_both_accepted_for_max_unavailable() {
     let validators = validators();
-    for value in [json!(1), json!(250), json!("1%"), json!("25%"), json!("100%")] {
+    for value in [
+        json!(1),
+        json!(250),
+        json!("1%"),
+        json!("25%"),
+        json!("100%"),
+    ] {
         let mut mc = serde_json::to_value(MeshConfig::test()).expect("serialize");
         mc["spec"]["upgrade"]["maxUnavailable"] = value.clone();
         admit(&validators, &mut mc, None).unwrap_or_else(|e| panic!("{value} refused: {e:?}"));

@@ -66,7 +66,7 @@ pub struct IPsecPolicySpec {
     pub key_secret_ref: Option<SecretReference>,
     /// How often keys rotate, as a duration such as `24h`, `90m` or `1h30m`; at least `1h`.
     #[serde(default = "default_rotation_interval")]
-    #[schemars(extend("x-kubernetes-validations" = [{
+    #[schemars(length(min = 2, max = 32), extend("x-kubernetes-validations" = [{
         "rule": "self.matches('^([0-9]+(\\\\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$') && duration(self) >= duration('1h')",
         "message": "must be a duration of at least 1h, e.g. 24h or 1h30m"
     }]))]

@@ -98,7 +98,7 @@ pub struct MeshConfigSpec {
 pub struct AgentSpec {
     /// Container image of the agent without tag, e.g. `ghcr.io/meshlet-io/meshlet-agent`.
     /// The tag is `version`.
-    #[schemars(length(min = 1), extend("x-kubernetes-validations" = [{
+    #[schemars(length(min = 1, max = 512), extend("x-kubernetes-validations" = [{
         "rule": "self.matches('^[^\\\\s:@]+(:[0-9]+)?(/[^\\\\s:@]+)*$')",
         "message": "must be a non-empty image reference without tag or whitespace, e.g. ghcr.io/meshlet-io/meshlet-agent"
     }]))]
@@ -117,7 +117,7 @@ pub struct AgentSpec {
     pub resources: Option<ResourceRequirements>,
     /// Directory in bpffs where the agent pins its maps and links.
     #[serde(default = "default_bpffs_path")]
-    #[schemars(extend("x-kubernetes-validations" = [{
+    #[schemars(length(min = 1, max = 256), extend("x-kubernetes-validations" = [{
         "rule": "self.startsWith('/sys/fs/bpf/') && !self.contains('..')",
         "message": "must be an absolute path below /sys/fs/bpf/ without '..', e.g. /sys/fs/bpf/meshlet"
     }]))]
@@ -298,7 +298,7 @@ pub struct TelemetrySpec {
     /// OTLP/gRPC collector endpoint, e.g. `http://otel-collector.observability:4317`.
     /// Absent disables trace export.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("x-kubernetes-validations" = [{
+    #[schemars(length(max = 2048), extend("x-kubernetes-validations" = [{
         "rule": "self.matches('^https?://[^\\\\s/]+(/\\\\S*)?$')",
         "message": "must be an http:// or https:// URL, e.g. http://otel-collector.observability:4317"
     }]))]

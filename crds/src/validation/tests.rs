@@ -192,3 +192,20 @@ fn the_validator_can_be_shared_between_threads() {
     fn shareable<T: Send + Sync>() {}
     shareable::<SchemaValidator>();
 }
+
+#[test]
+fn a_rule_over_an_unbounded_list_is_reported_by_the_rule_analysis() {
+    let unbounded = validator(json!({"type": "object", "properties": {
+        "l": {"type": "array", "items": {"type": "string"},
+              "x-kubernetes-validations": [{"rule": "self.all(x, self.all(y, x != y || true))"}]}
+    }}));
+    assert!(
+        !unbounded.rule_warnings().is_empty(),
+        "an unbounded nested comprehension is flagged"
+    );
+    let bounded = validator(json!({"type": "object", "properties": {
+        "l": {"type": "array", "maxItems": 4, "items": {"type": "string", "maxLength": 8},
+              "x-kubernetes-validations": [{"rule": "self.all(x, x != '')"}]}
+    }}));
+    assert_eq!(bounded.rule_warnings(), Vec::<String>::new());
+}

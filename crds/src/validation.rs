@@ -238,7 +238,10 @@ impl SchemaValidator {
         // cannot be evaluated then is usually looking at a value of the wrong type, which the
         // OpenAPI errors already report.
         let schema_valid = errors.is_empty();
-        if let Err(failures) = kube_cel::validate_compiled(&self.cel, obj, old) {
+        // The API server does not run rules on null values; CEL sees such fields as absent.
+        let cel_obj = without_nulls(obj);
+        let cel_old = old.map(without_nulls);
+        if let Err(failures) = kube_cel::validate_compiled(&self.cel, &cel_obj, cel_old.as_ref()) {
             errors.extend(
                 failures
                     .iter()
@@ -727,6 +730,21 @@ fn cel_error(failure: &kube_cel::ValidationError, obj: &Value) -> FieldError {
         field,
         reason,
         message,
+    }
+}
+
+/// A copy of `value` without object fields whose value is `null`, at any depth.
+fn without_nulls(value: &Value) -> Value {
+    match value {
+        Value::Object(fields) => Value::Object(
+            fields
+                .iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k.clone(), without_nulls(v)))
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.iter().map(without_nulls).collect()),
+        other => other.clone(),
     }
 }
 

@@ -339,3 +339,27 @@ fn percentages_and_counts_are_both_accepted_for_max_unavailable() {
         admit(&validators, &mut mc, None).unwrap_or_else(|e| panic!("{value} refused: {e:?}"));
     }
 }
+
+#[test]
+fn explicit_nulls_in_optional_fields_are_accepted_and_defaulted_fields_get_their_default() {
+    let validators = validators();
+    let mut mc = serde_json::to_value(MeshConfig::test()).expect("serialize");
+    mc["spec"]["telemetry"]["otlpEndpoint"] = Value::Null;
+    mc["spec"]["agent"]["resources"] = Value::Null;
+    mc["spec"]["enrollment"]["nodeSelector"] = Value::Null;
+    mc["spec"]["dataplane"]["maxServices"] = Value::Null;
+    admit(&validators, &mut mc, None).expect("nulls accepted");
+    assert_eq!(
+        mc["spec"]["dataplane"]["maxServices"], 5000,
+        "null in a non-nullable field is defaulted"
+    );
+
+    let mut ipsp = serde_json::to_value(IPsecPolicy::test("p")).expect("serialize");
+    ipsp["spec"]["keySecretRef"] = Value::Null;
+    admit(&validators, &mut ipsp, None).expect("null keySecretRef accepted");
+
+    let mut ne = serde_json::to_value(NodeEnrollment::test("n")).expect("serialize");
+    ne["spec"]["desiredVersion"] = Value::Null;
+    let old = ne.clone();
+    admit(&validators, &mut ne, Some(&old)).expect("null desiredVersion accepted on update");
+}

@@ -310,6 +310,7 @@ impl Dataplane {
         let paths = Paths {
             root: cfg.bpffs_root.clone(),
         };
+        loader::check_bpffs(&paths)?;
         let decision = layout::decide(&loader::gather(&paths)?, cfg.layout);
         let before = loader::link_ids(&paths);
         let kind = match decision {
@@ -343,6 +344,14 @@ impl Dataplane {
             _lock: lock,
         };
         dp.rebuild_index()?;
+        tracing::info!(
+            kind = ?kind,
+            layout = dp.cfg.layout,
+            services = dp.index.services.len(),
+            duration_ms = started.elapsed().as_secs_f64() * 1e3,
+            link_ids_unchanged,
+            "data plane serving"
+        );
         let report = StartReport {
             kind,
             duration: started.elapsed(),

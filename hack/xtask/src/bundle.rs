@@ -21,7 +21,6 @@ use anyhow::Context as _;
 use meshlet_crds::validation::{FieldError, SchemaValidator};
 use serde_json::Value;
 
-use crate::schema::Schema;
 use crate::yaml;
 
 /// Install mode types OLM knows.
@@ -468,32 +467,13 @@ fn check_alm_examples(
             ));
             continue;
         }
-        if crd.value["apiVersion"] == "apiextensions.k8s.io/v1" {
-            let (problems, notes) = admit_example(&crd.value, version, example)?;
-            report
-                .problems
-                .extend(problems.iter().map(|p| format!("{label}: {p}")));
-            report
-                .notes
-                .extend(notes.iter().map(|n| format!("{label}: {n}")));
-            continue;
-        }
-        // Older (v1beta1) CRDs: structural check only, when they carry a schema.
-        match Schema::for_crd(&crd.value, version, true)
-            .with_context(|| format!("failed to compile the schema of CRD {crd_name}"))?
-        {
-            None => report.notes.push(format!(
-                "{label}: CRD {crd_name} has no schema for {version}; checked group, kind and \
-                 version only"
-            )),
-            Some(schema) => {
-                for error in schema.errors(example) {
-                    report.problems.push(format!(
-                        "{label}: violates the schema of CRD {crd_name} at {error}"
-                    ));
-                }
-            }
-        }
+        let (problems, notes) = admit_example(&crd.value, version, example);
+        report
+            .problems
+            .extend(problems.iter().map(|p| format!("{label}: {p}")));
+        report
+            .notes
+            .extend(notes.iter().map(|n| format!("{label}: {n}")));
     }
     Ok(examples.len())
 }
@@ -501,32 +481,42 @@ fn check_alm_examples(
 /// Checks `example` the way `kubectl apply` (strict field validation) and the API server
 /// would on create: schema defaults are applied, then the schema, unknown fields and CEL
 /// rules are checked, with Meshlet's CRD validation engine. Returns `(problems, notes)`.
-fn admit_example(
-    crd: &Value,
-    version: &str,
-    example: &Value,
-) -> anyhow::Result<(Vec<String>, Vec<String>)> {
-    let Some(schema) = crate::schema::openapi_for_crd(crd, version) else {
-        return Ok((
-            Vec::new(),
-            vec![format!("its CRD has no schema for {version}")],
-        ));
-    };
+fn admit_example(crd: &Value, version: &str, example: &Value) -> (Vec<String>, Vec<String>) {
     let name = crd["metadata"]["name"].as_str().unwrap_or("");
+    let Some(schema) = crate::schema::openapi_for_crd(crd, version) else {
+        let note =
+            format!("CRD {name} has no schema for {version}; checked group, kind and version only");
+        return (Vec::new(), vec![note]);
+    };
     // The API server accepts `apiVersion`, `kind` and `metadata` at the root of every object
     // whether or not the schema lists them; list them so the engine does too.
-    let validator = SchemaValidator::from_schema(name, crate::schema::with_object_root(schema))
-        .map_err(|e| anyhow::anyhow!("failed to compile the schema of CRD {name}: {e}"))?;
+    let validator = match SchemaValidator::from_schema(
+        name,
+        crate::schema::with_object_root(schema),
+    ) {
+        Ok(v) => v,
+        // apiextensions v1beta1 allowed schemas that are not structural; v1 does not.
+        Err(e) if crd["apiVersion"] != "apiextensions.k8s.io/v1" => {
+            let note = format!(
+                "CRD {name}'s schema cannot be checked ({e}); checked group, kind and version only"
+            );
+            return (Vec::new(), vec![note]);
+        }
+        Err(e) => {
+            return (
+                vec![format!("CRD {name}'s schema does not compile: {e}")],
+                Vec::new(),
+            );
+        }
+    };
     let mut defaulted = example.clone();
     validator.apply_defaults(&mut defaulted);
     let (problems, notes) = split_field_errors(validator.validate(&defaulted, None));
-    Ok((
-        problems
-            .into_iter()
-            .map(|p| format!("would be refused by the API server: {p}"))
-            .collect(),
-        notes,
-    ))
+    let problems = problems
+        .into_iter()
+        .map(|p| format!("would be refused by the API server: {p}"))
+        .collect();
+    (problems, notes)
 }
 
 fn check_annotations(report: &mut Report, dir: &Path) {

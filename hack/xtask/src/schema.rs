@@ -1,94 +1,12 @@
-//! Validation of objects against a CRD's OpenAPI v3 schema, for bundle checks.
+//! Schema helpers for the bundle checks; validation itself is `meshlet_crds::validation`.
 //!
 //! ```text
-//!  CRD (v1 `spec.versions[].schema` or v1beta1 `spec.validation`) ─► openapi_to_json_schema()
-//!      ─► jsonschema (draft 4) ─► errors as "<json path>: <message>"
+//!  CRD (v1 `spec.versions[].schema` or v1beta1 `spec.validation`) ─► openapi_for_crd()
+//!      ─► with_object_root() (implicit apiVersion/kind/metadata) ─► SchemaValidator
+//!  CSV ─► fill_required_scalars() (read as OLM's Go decoder reads it) ─► SchemaValidator
 //! ```
-//!
-//! OpenAPI's dialect differs from JSON Schema: `nullable` becomes a `null` type,
-//! `x-kubernetes-int-or-string` an `anyOf` of integer and string. In strict mode an object
-//! schema that lists `properties` (and neither preserves unknown fields nor declares
-//! `additionalProperties`) rejects unknown fields, as `kubectl apply`'s strict field
-//! validation does.
 
-use anyhow::Context as _;
-use serde_json::{Map, Value, json};
-
-/// A compiled schema.
-pub struct Schema {
-    validator: jsonschema::Validator,
-}
-
-impl std::fmt::Debug for Schema {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Schema")
-    }
-}
-
-/// Rewrites an OpenAPI v3 (Kubernetes structural) schema into JSON Schema draft 4.
-pub fn openapi_to_json_schema(schema: &Value, strict: bool) -> Value {
-    let Value::Object(map) = schema else {
-        return schema.clone();
-    };
-    let mut out = Map::new();
-    for (key, value) in map {
-        let converted = match key.as_str() {
-            "properties" | "patternProperties" | "definitions" => match value {
-                Value::Object(props) => Value::Object(
-                    props
-                        .iter()
-                        .map(|(k, v)| (k.clone(), openapi_to_json_schema(v, strict)))
-                        .collect(),
-                ),
-                other => other.clone(),
-            },
-            "items" | "additionalProperties" | "not" => match value {
-                Value::Bool(b) => Value::Bool(*b),
-                Value::Array(a) => Value::Array(
-                    a.iter()
-                        .map(|v| openapi_to_json_schema(v, strict))
-                        .collect(),
-                ),
-                other => openapi_to_json_schema(other, strict),
-            },
-            "allOf" | "anyOf" | "oneOf" => match value {
-                Value::Array(a) => Value::Array(
-                    a.iter()
-                        .map(|v| openapi_to_json_schema(v, strict))
-                        .collect(),
-                ),
-                other => other.clone(),
-            },
-            // Annotations only: never validated.
-            "description" | "example" | "externalDocs" | "default" => continue,
-            k if k.starts_with("x-kubernetes-") => continue,
-            "nullable" => continue,
-            _ => value.clone(),
-        };
-        out.insert(key.clone(), converted);
-    }
-    let nullable = map.get("nullable") == Some(&Value::Bool(true));
-    if nullable && let Some(Value::String(t)) = out.get("type").cloned() {
-        out.insert("type".to_owned(), json!([t, "null"]));
-    }
-    if map.get("x-kubernetes-int-or-string") == Some(&Value::Bool(true)) {
-        out.remove("type");
-        out.insert(
-            "anyOf".to_owned(),
-            json!([{ "type": "integer" }, { "type": "string" }]),
-        );
-    }
-    let preserves = map.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true))
-        || map.get("x-kubernetes-embedded-resource") == Some(&Value::Bool(true));
-    if strict
-        && !preserves
-        && map.contains_key("properties")
-        && !map.contains_key("additionalProperties")
-    {
-        out.insert("additionalProperties".to_owned(), Value::Bool(false));
-    }
-    Value::Object(out)
-}
+use serde_json::{Value, json};
 
 /// The OpenAPI v3 schema of `version` in a CRD given as JSON (apiextensions v1
 /// `spec.versions[].schema` or v1beta1 `spec.validation`).
@@ -167,77 +85,50 @@ pub fn fill_required_scalars(
     }
 }
 
-impl Schema {
-    /// Compiles an OpenAPI v3 schema.
-    pub fn from_openapi(schema: &Value, strict: bool) -> anyhow::Result<Self> {
-        let converted = openapi_to_json_schema(schema, strict);
-        let validator = jsonschema::options()
-            .with_draft(jsonschema::Draft::Draft4)
-            .build(&converted)
-            .map_err(|e| anyhow::anyhow!("failed to compile the schema: {e}"))?;
-        Ok(Self { validator })
-    }
-
-    /// The schema of `version` in a CRD given as JSON (apiextensions v1 or v1beta1);
-    /// `None` when the CRD declares no schema for it.
-    pub fn for_crd(crd: &Value, version: &str, strict: bool) -> anyhow::Result<Option<Self>> {
-        openapi_for_crd(crd, version)
-            .map(|s| Self::from_openapi(&with_object_root(s), strict))
-            .transpose()
-            .with_context(|| format!("in version {version}"))
-    }
-
-    /// Every violation of the schema by `obj`, as `<json path>: <message>`.
-    pub fn errors(&self, obj: &Value) -> Vec<String> {
-        self.validator
-            .iter_errors(obj)
-            .map(|e| {
-                let path = e.instance_path().to_string();
-                let path = if path.is_empty() {
-                    "/".to_owned()
-                } else {
-                    path
-                };
-                format!("{path}: {e}")
-            })
-            .collect()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn nullable_fields_accept_null_and_int_or_string_accepts_only_those_two() {
+    fn missing_required_scalars_read_as_zero_values_but_objects_stay_missing() {
         let schema = json!({
             "type": "object",
+            "required": ["items", "spec"],
             "properties": {
-                "a": { "type": "string", "nullable": true },
-                "b": { "x-kubernetes-int-or-string": true },
+                "spec": { "type": "object" },
+                "items": { "type": "array", "items": {
+                    "type": "object",
+                    "required": ["name", "count", "on"],
+                    "properties": {
+                        "name": { "type": "string" },
+                        "count": { "type": "integer" },
+                        "on": { "type": "boolean" },
+                    },
+                }},
             },
         });
-        let s = Schema::from_openapi(&schema, false).expect("schema compiles");
-        assert!(s.errors(&json!({ "a": null, "b": "25%" })).is_empty());
-        assert!(s.errors(&json!({ "b": 3 })).is_empty());
-        assert_eq!(s.errors(&json!({ "b": [1] })).len(), 1);
+        let mut obj = json!({ "items": [{ "name": "a" }, {}] });
+        let mut filled = Vec::new();
+        fill_required_scalars(&schema, &mut obj, "", &mut filled);
+        assert_eq!(
+            obj,
+            json!({ "items": [
+                { "name": "a", "count": 0, "on": false },
+                { "name": "", "count": 0, "on": false },
+            ]})
+        );
+        assert_eq!(filled.len(), 5, "{filled:?}");
+        assert!(filled.contains(&"/items/1/name".to_owned()), "{filled:?}");
     }
 
     #[test]
-    fn strict_mode_rejects_unknown_fields_unless_preserved() {
-        let schema = json!({
+    fn object_root_gains_the_implicit_fields_without_losing_its_own() {
+        let root = with_object_root(&json!({
             "type": "object",
-            "properties": {
-                "known": { "type": "string" },
-                "free": { "type": "object", "x-kubernetes-preserve-unknown-fields": true,
-                          "properties": { "x": { "type": "string" } } },
-            },
-        });
-        let strict = Schema::from_openapi(&schema, true).expect("schema compiles");
-        let errors = strict.errors(&json!({ "knwon": "typo", "free": { "y": 1 } }));
-        assert_eq!(errors.len(), 1, "{errors:?}");
-        assert!(errors[0].contains("knwon"), "{errors:?}");
-        let lax = Schema::from_openapi(&schema, false).expect("schema compiles");
-        assert!(lax.errors(&json!({ "knwon": "typo" })).is_empty());
+            "properties": { "spec": { "type": "object" }, "kind": { "type": "string", "enum": ["X"] } },
+        }));
+        assert_eq!(root["properties"]["kind"]["enum"], json!(["X"]));
+        assert_eq!(root["properties"]["metadata"]["type"], "object");
+        assert_eq!(root["properties"]["apiVersion"]["type"], "string");
     }
 }

@@ -346,3 +346,35 @@ fn a_min_kube_version_that_is_not_semver_is_rejected() {
         &["spec.minKubeVersion", "\"1.30\"", "semantic version"],
     );
 }
+
+#[test]
+fn an_alm_example_is_checked_against_a_v1beta1_crd_schema_when_it_has_one() {
+    let (_temp, dir) = etcd_bundle();
+    let path = dir.join("etcdclusters.etcd.database.coreos.com.crd.yaml");
+    let mut crd: Value =
+        yaml::parse(&std::fs::read_to_string(&path).expect("read")).expect("parse");
+    crd["spec"]["validation"] = json!({ "openAPIV3Schema": {
+        "type": "object",
+        "properties": { "spec": {
+            "type": "object",
+            "properties": { "size": { "type": "integer", "minimum": 1 }, "version": { "type": "string" } },
+        }},
+    }});
+    std::fs::write(&path, yaml::render(&crd).expect("render")).expect("write");
+    let report = check(&dir);
+    assert!(report.problems.is_empty(), "{:#?}", report.problems);
+
+    edit_csv(&dir, |csv| {
+        let raw = csv["metadata"]["annotations"]["alm-examples"]
+            .as_str()
+            .expect("string");
+        let mut examples: Vec<Value> = serde_json::from_str(raw).expect("json");
+        examples[0]["spec"]["size"] = json!(0);
+        csv["metadata"]["annotations"]["alm-examples"] =
+            json!(serde_json::to_string(&examples).expect("json"));
+    });
+    assert_rejected_naming(
+        &check(&dir),
+        &["alm-examples[0]", "EtcdCluster", "spec.size"],
+    );
+}

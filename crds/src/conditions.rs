@@ -55,7 +55,8 @@ impl From<bool> for Status {
 
 /// Inserts or updates the condition `type_` in `conditions` at time `now`.
 ///
-/// `lastTransitionTime` moves only when the status changes (or the condition is new);
+/// `lastTransitionTime` (whole seconds, like `metav1.Time`) moves only when the status changes
+/// (or the condition is new);
 /// reason, message and observedGeneration are always refreshed. Returns whether anything
 /// changed, so callers can skip a status write when nothing did.
 pub fn set_condition_at(
@@ -73,7 +74,9 @@ pub fn set_condition_at(
         reason: reason.to_owned(),
         message: message.to_owned(),
         observed_generation,
-        last_transition_time: Time(now),
+        // metav1.Time carries whole seconds; keep the same precision so a condition read back
+        // from the API compares equal to the one written.
+        last_transition_time: Time(Timestamp::from_second(now.as_second()).unwrap_or(now)),
     };
     match conditions.iter_mut().find(|c| c.type_ == type_) {
         None => {
@@ -210,6 +213,17 @@ mod tests {
         );
         assert_eq!(conds[0].status, "False");
         assert_eq!(conds[0].last_transition_time, Time(at(300)));
+    }
+
+    #[test]
+    fn transition_times_are_whole_seconds_as_the_api_stores_them() {
+        let mut conds = Vec::new();
+        let now = Timestamp::from_nanosecond(1_700_000_000_987_654_321).expect("valid timestamp");
+        set_condition_at(&mut conds, READY, Status::True, "Synced", "", None, now);
+        assert_eq!(conds[0].last_transition_time, Time(at(1_700_000_000)));
+        let json = serde_json::to_value(&conds[0]).expect("serialize");
+        let back: Condition = serde_json::from_value(json).expect("deserialize");
+        assert_eq!(back, conds[0]);
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::{
 
 use meshlet_crds::{
     IPsecPolicy, MeshConfig, NodeEnrollment, all_crds,
+    conditions::{self, Status},
     v1alpha1::{Continuity, MapStatus, NodeEnrollmentStatus, ProgramStatus, RestartKind},
     validation::{FieldError, SchemaValidator},
 };
@@ -313,8 +314,21 @@ fn a_status_written_by_the_agent_is_admitted_and_a_bad_restart_kind_is_not() {
         observed_generation: Some(1),
         ..NodeEnrollmentStatus::default()
     });
+    if let Some(status) = ne.status.as_mut() {
+        let conds = &mut status.conditions;
+        conditions::set_condition(
+            conds,
+            conditions::DATAPLANE_READY,
+            Status::True,
+            "Attached",
+            "5 programs",
+            Some(1),
+        );
+        conditions::set_condition(conds, conditions::READY, Status::True, "Ready", "", Some(1));
+    }
     let mut obj = serde_json::to_value(&ne).expect("serialize");
     admit(&validators, &mut obj, None).expect("status admitted");
+    assert_eq!(obj["status"]["conditions"][0]["type"], "DataplaneReady");
     let back: NodeEnrollment = serde_json::from_value(obj.clone()).expect("round trip");
     assert_eq!(back.status, ne.status);
 
@@ -362,4 +376,35 @@ fn explicit_nulls_in_optional_fields_are_accepted_and_defaulted_fields_get_their
     ne["spec"]["desiredVersion"] = Value::Null;
     let old = ne.clone();
     admit(&validators, &mut ne, Some(&old)).expect("null desiredVersion accepted on update");
+}
+
+#[test]
+fn a_rotation_status_written_by_the_operator_is_admitted_and_a_bad_phase_is_not() {
+    let validators = validators();
+    let mut policy = IPsecPolicy::test("all");
+    policy.status = Some(meshlet_crds::v1alpha1::IPsecPolicyStatus {
+        active_spi: Some(4096),
+        phase: meshlet_crds::v1alpha1::RotationPhase::Switching,
+        acks: meshlet_crds::v1alpha1::IPsecAcks {
+            selected: 3,
+            installed: 3,
+            switched: 1,
+            retired: 0,
+        },
+        last_rotation_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::from_second(1_790_000_000).expect("timestamp"),
+        )),
+        observed_generation: Some(2),
+        ..Default::default()
+    });
+    let mut obj = serde_json::to_value(&policy).expect("serialize");
+    admit(&validators, &mut obj, None).expect("status admitted");
+    assert_eq!(obj["status"]["activeSPI"], 4096);
+    obj["status"]["phase"] = json!("Rotating");
+    let errors = admit(&validators, &mut obj, None).expect_err("unknown phase");
+    assert_eq!(errors[0].field, "status.phase");
+    obj["status"]["phase"] = json!("Stable");
+    obj["status"]["lastRotationTime"] = json!("yesterday");
+    let errors = admit(&validators, &mut obj, None).expect_err("not a timestamp");
+    assert_eq!(errors[0].field, "status.lastRotationTime");
 }

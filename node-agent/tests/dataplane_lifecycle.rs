@@ -238,6 +238,15 @@ fn reset_detaches_every_link_and_leaves_no_pin() {
             "link {id} still exists after reset"
         );
     }
+    // Programs are freed once their last link is gone (the kernel may take a moment).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while progs.iter().any(|id| sys::prog_fd_by_id(*id).is_ok()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "programs {progs:?} still loaded after reset"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let seen = env.run_traffic(&Traffic {
         count: 3,
         ..Traffic::to(key, &bes)
@@ -248,4 +257,77 @@ fn reset_detaches_every_link_and_leaves_no_pin() {
         dataplane::preflight(&env.cfg).expect("preflight"),
         StartupDecision::Fresh
     );
+}
+
+#[test]
+fn apply_converges_on_the_desired_state_and_leaves_no_stale_entries() {
+    let env = TestEnv::new("diff", 2);
+    let a = svc("127.100.5.1", 80, Protocol::Tcp);
+    let b = svc("127.100.5.2", 80, Protocol::Udp);
+    let c = svc("fd00:6d65::5", 443, Protocol::Tcp);
+    let (mut dp, _) = Dataplane::start(env.cfg.clone()).expect("start");
+    let first = state(&[
+        (a, backends("127.0.0.1", 36100, 3)),
+        (b, backends("127.0.0.1", 36200, 2)),
+    ]);
+    let stats = dp.apply(&first).expect("first apply");
+    assert_eq!(
+        (
+            stats.services_upserted,
+            stats.services_removed,
+            stats.backends_written
+        ),
+        (2, 0, 5)
+    );
+    let again = dp.apply(&first).expect("same apply");
+    assert_eq!(
+        (
+            again.services_upserted,
+            again.services_removed,
+            again.backends_written
+        ),
+        (0, 0, 0)
+    );
+
+    let second = state(&[
+        (a, backends("127.0.0.1", 36100, 1)),
+        (c, backends("::1", 36300, 4)),
+    ]);
+    let stats = dp.apply(&second).expect("second apply");
+    assert_eq!(
+        (
+            stats.services_upserted,
+            stats.services_removed,
+            stats.backends_written
+        ),
+        (2, 1, 5)
+    );
+    assert_eq!(dp.observed().expect("observed"), second);
+    let entries: std::collections::BTreeMap<String, u64> = dp
+        .maps()
+        .expect("maps")
+        .into_iter()
+        .map(|m| (m.name, m.entries))
+        .collect();
+    assert_eq!(entries["frontend"], 2);
+    assert_eq!(entries["service"], 2);
+    assert_eq!(entries["endpoint"], 5);
+    assert_eq!(entries["backend"], 5);
+
+    // A fresh reader of the same pins sees the same table.
+    drop(dp);
+    let (dp, _) = Dataplane::start(env.cfg.clone()).expect("restart");
+    assert_eq!(dp.observed().expect("observed"), second);
+}
+
+#[test]
+fn a_backend_of_the_wrong_family_is_refused_with_the_service_named() {
+    let env = TestEnv::new("family", 1);
+    let a = svc("127.100.6.1", 80, Protocol::Tcp);
+    let (mut dp, _) = Dataplane::start(env.cfg.clone()).expect("start");
+    let err = dp
+        .apply(&state(&[(a, backends("::1", 36400, 1))]))
+        .expect_err("mixed families");
+    assert!(err.to_string().contains("127.100.6.1"), "{err}");
+    assert!(dp.observed().expect("observed").services.is_empty());
 }

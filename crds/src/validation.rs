@@ -7,7 +7,8 @@
 //!
 //!  admit(obj, old):  prune(obj) ─► apply_defaults(obj) ─► validate(obj, old)
 //!                                                          ├─ OpenAPI errors (jsonschema)
-//!                                                          └─ CEL errors (only when OpenAPI passed)
+//!                                                          ├─ list-type duplicates (set / map)
+//!                                                          └─ CEL errors (rules skip null values)
 //! ```
 //!
 //! `jsonschema` has no OpenAPI dialect, so [`rewrite_schema`] turns the Kubernetes flavour into
@@ -234,6 +235,7 @@ impl SchemaValidator {
             .iter_errors(obj)
             .flat_map(|e| openapi_errors(&e))
             .collect();
+        list_type_errors(&self.schema, obj, "", &mut errors);
         // Like the API server, CEL rules run even when the OpenAPI checks failed. A rule that
         // cannot be evaluated then is usually looking at a value of the wrong type, which the
         // OpenAPI errors already report.
@@ -730,6 +732,60 @@ fn cel_error(failure: &kube_cel::ValidationError, obj: &Value) -> FieldError {
         field,
         reason,
         message,
+    }
+}
+
+/// Checks `x-kubernetes-list-type`: items of a `set` are unique, and items of a `map` are unique
+/// by their `x-kubernetes-list-map-keys` (e.g. one condition per `type`).
+fn list_type_errors(schema: &Value, value: &Value, path: &str, errors: &mut Vec<FieldError>) {
+    let Some(node) = schema.as_object() else {
+        return;
+    };
+    match value {
+        Value::Object(fields) => {
+            let props = node.get("properties").and_then(Value::as_object);
+            let extra = node.get("additionalProperties").filter(|e| e.is_object());
+            for (key, child) in fields {
+                if let Some(child_schema) = props.and_then(|p| p.get(key)).or(extra) {
+                    list_type_errors(child_schema, child, &join(path, key), errors);
+                }
+            }
+        }
+        Value::Array(items) => {
+            let list_type = node.get("x-kubernetes-list-type").and_then(Value::as_str);
+            let keys: Vec<&str> = node
+                .get("x-kubernetes-list-map-keys")
+                .and_then(Value::as_array)
+                .map(|k| k.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            let mut seen = Vec::new();
+            for (index, item) in items.iter().enumerate() {
+                let identity = match list_type {
+                    Some("set") => item.clone(),
+                    Some("map") => Value::Object(
+                        keys.iter()
+                            .filter_map(|k| item.get(*k).map(|v| ((*k).to_owned(), v.clone())))
+                            .collect(),
+                    ),
+                    _ => break,
+                };
+                if seen.contains(&identity) {
+                    errors.push(FieldError {
+                        field: format!("{path}[{index}]"),
+                        reason: "FieldValueDuplicate".to_owned(),
+                        message: format!("Duplicate value: {identity}"),
+                    });
+                } else {
+                    seen.push(identity);
+                }
+            }
+            if let Some(item_schema) = node.get("items") {
+                for (index, item) in items.iter().enumerate() {
+                    list_type_errors(item_schema, item, &format!("{path}[{index}]"), errors);
+                }
+            }
+        }
+        _ => {}
     }
 }
 

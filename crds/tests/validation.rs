@@ -408,3 +408,27 @@ fn a_rotation_status_written_by_the_operator_is_admitted_and_a_bad_phase_is_not(
     let errors = admit(&validators, &mut obj, None).expect_err("not a timestamp");
     assert_eq!(errors[0].field, "status.lastRotationTime");
 }
+
+#[test]
+fn two_conditions_of_the_same_type_are_refused_as_duplicates() {
+    let validators = validators();
+    let mut obj = serde_json::to_value(NodeEnrollment::test("n1")).expect("serialize");
+    let ready = json!({"type": "Ready", "status": "True", "reason": "Ok", "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"});
+    let stalled = json!({"type": "Stalled", "status": "False", "reason": "Ok", "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"});
+    obj["status"] = json!({"conditions": [ready.clone(), stalled]});
+    admit(&validators, &mut obj, None).expect("distinct types admitted");
+    let mut again = ready.clone();
+    again["status"] = json!("False");
+    obj["status"]["conditions"]
+        .as_array_mut()
+        .expect("array")
+        .push(again);
+    let errors = admit(&validators, &mut obj, None).expect_err("duplicate type refused");
+    assert_eq!(errors[0].field, "status.conditions[2]");
+    assert_eq!(errors[0].reason, "FieldValueDuplicate");
+    assert!(
+        errors[0].message.contains(r#"{"type":"Ready"}"#),
+        "{}",
+        errors[0].message
+    );
+}

@@ -209,3 +209,16 @@ fn a_rule_over_an_unbounded_list_is_reported_by_the_rule_analysis() {
     }}));
     assert_eq!(bounded.rule_warnings(), Vec::<String>::new());
 }
+
+#[test]
+fn a_set_with_a_repeated_item_is_refused_at_the_repeat() {
+    let v = validator(json!({"type": "object", "properties": {
+        "s": {"type": "array", "x-kubernetes-list-type": "set", "items": {"type": "string"}}
+    }}));
+    assert!(v.validate(&json!({"s": ["a", "b"]}), None).is_ok());
+    let errors = v
+        .validate(&json!({"s": ["a", "b", "a"]}), None)
+        .expect_err("duplicate");
+    assert_eq!(errors[0].field, "s[2]");
+    assert_eq!(errors[0].message, "Duplicate value: \"a\"");
+}

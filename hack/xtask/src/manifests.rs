@@ -31,10 +31,9 @@ use serde_json::json;
 use crate::rbac::{self, AGENT_NAME, IPSEC_KEY_SECRET, NAMESPACE, OPERATOR_NAME};
 use crate::yaml;
 
-/// Port of the operator's `/healthz` and `/readyz` endpoints.
-pub const OPERATOR_HEALTH_PORT: i32 = 8081;
-/// Port of the operator's Prometheus metrics.
-pub const OPERATOR_METRICS_PORT: i32 = 8080;
+/// Port of the operator's HTTP server: `/healthz`, `/readyz` and Prometheus `/metrics`
+/// (the operator's `--metrics-addr`, set through `MESHLET_METRICS_ADDR`).
+pub const OPERATOR_HTTP_PORT: i32 = 8080;
 
 /// Labels every Meshlet object carries.
 pub fn common_labels(component: &str) -> BTreeMap<String, String> {
@@ -149,7 +148,7 @@ fn probe(path: &str, initial_delay: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.to_owned()),
-            port: IntOrString::String("health".to_owned()),
+            port: IntOrString::String("http".to_owned()),
             ..HTTPGetAction::default()
         }),
         initial_delay_seconds: Some(initial_delay),
@@ -184,25 +183,22 @@ pub fn operator_deployment_spec() -> DeploymentSpec {
             env_field("POD_NAMESPACE", "metadata.namespace"),
             env_field("POD_NAME", "metadata.name"),
             EnvVar {
+                name: "MESHLET_METRICS_ADDR".to_owned(),
+                value: Some(format!("0.0.0.0:{OPERATOR_HTTP_PORT}")),
+                value_from: None,
+            },
+            EnvVar {
                 name: "MESHLET_AGENT_IMAGE".to_owned(),
                 value: Some(crate::agent_image()),
                 value_from: None,
             },
         ]),
-        ports: Some(vec![
-            ContainerPort {
-                name: Some("health".to_owned()),
-                container_port: OPERATOR_HEALTH_PORT,
-                protocol: Some("TCP".to_owned()),
-                ..ContainerPort::default()
-            },
-            ContainerPort {
-                name: Some("metrics".to_owned()),
-                container_port: OPERATOR_METRICS_PORT,
-                protocol: Some("TCP".to_owned()),
-                ..ContainerPort::default()
-            },
-        ]),
+        ports: Some(vec![ContainerPort {
+            name: Some("http".to_owned()),
+            container_port: OPERATOR_HTTP_PORT,
+            protocol: Some("TCP".to_owned()),
+            ..ContainerPort::default()
+        }]),
         liveness_probe: Some(probe("/healthz", 15)),
         readiness_probe: Some(probe("/readyz", 5)),
         resources: Some(ResourceRequirements {

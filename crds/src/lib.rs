@@ -16,7 +16,7 @@ pub mod v1alpha1;
 pub mod validation;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
-    CustomResourceDefinition, ValidationRule,
+    CustomResourceDefinition, JSONSchemaProps, ValidationRule,
 };
 use kube::CustomResourceExt;
 
@@ -51,7 +51,9 @@ pub fn all_crds() -> Vec<CustomResourceDefinition> {
     ]
 }
 
-/// Adds a CEL rule to the root schema of every version of `crd`.
+/// Adds a CEL rule to the root schema of every version of `crd`, and declares
+/// `metadata.name` there so the rule's `fieldPath` points at a field the schema knows (the API
+/// server refuses a `fieldPath` it cannot resolve).
 fn with_root_rule(
     mut crd: CustomResourceDefinition,
     rule: &str,
@@ -64,6 +66,23 @@ fn with_root_rule(
             .as_mut()
             .and_then(|s| s.open_api_v3_schema.as_mut())
         {
+            let props = root.properties.get_or_insert_with(Default::default);
+            props
+                .entry("metadata".to_owned())
+                .or_insert_with(|| JSONSchemaProps {
+                    type_: Some("object".to_owned()),
+                    properties: Some(
+                        [(
+                            "name".to_owned(),
+                            JSONSchemaProps {
+                                type_: Some("string".to_owned()),
+                                ..JSONSchemaProps::default()
+                            },
+                        )]
+                        .into(),
+                    ),
+                    ..JSONSchemaProps::default()
+                });
             root.x_kubernetes_validations
                 .get_or_insert_with(Vec::new)
                 .push(ValidationRule {
@@ -96,6 +115,47 @@ mod tests {
                 "ipsecpolicies.meshlet.io"
             ]
         );
+    }
+
+    /// Whether `field_path` (`.a.b`) names a declared property below `schema`.
+    fn resolves(schema: &serde_json::Value, field_path: &str) -> bool {
+        field_path
+            .trim_start_matches('.')
+            .split('.')
+            .try_fold(schema, |node, key| {
+                node.get("properties").and_then(|p| p.get(key))
+            })
+            .is_some()
+    }
+
+    fn check_field_paths(schema: &serde_json::Value, at: &str, bad: &mut Vec<String>) {
+        for rule in schema["x-kubernetes-validations"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            if let Some(path) = rule["fieldPath"].as_str()
+                && !resolves(schema, path)
+            {
+                bad.push(format!("{at}: fieldPath {path}"));
+            }
+        }
+        for (key, child) in schema["properties"].as_object().into_iter().flatten() {
+            check_field_paths(child, &format!("{at}.{key}"), bad);
+        }
+        if let Some(items) = schema.get("items") {
+            check_field_paths(items, &format!("{at}[]"), bad);
+        }
+    }
+
+    #[test]
+    fn every_rule_field_path_names_a_field_declared_in_the_schema() {
+        let mut bad = Vec::new();
+        for crd in all_crds() {
+            let schema = serde_json::to_value(&crd.spec.versions[0].schema).expect("serialize");
+            check_field_paths(&schema["openAPIV3Schema"], &crd.spec.names.kind, &mut bad);
+        }
+        assert!(bad.is_empty(), "{bad:?}");
     }
 
     #[test]

@@ -303,7 +303,6 @@ pub fn csv(crds: &[CustomResourceDefinition], alm_examples: &str) -> Value {
                 "description": "Per-node eBPF service-mesh data plane with connection-preserving upgrades",
                 "repository": "https://github.com/meshlet-io/meshlet",
                 "support": "Meshlet maintainers",
-                "operators.operatorframework.io/suggested-namespace": NAMESPACE,
                 "operatorframework.io/suggested-namespace": NAMESPACE,
             },
             "labels": {

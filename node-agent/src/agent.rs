@@ -398,25 +398,30 @@ pub async fn run(args: AgentArgs, log: LogControl) -> Result<(), AgentError> {
     for t in tasks {
         t.abort();
     }
-    let _ = stop_tx.send(true);
-    let _ = admin.await;
-    if let Some(h) = http {
-        let _ = h.await;
-    }
+    // Tear down before stopping the admin server: the Reset call waits for this answer, and a
+    // graceful shutdown waits for that call.
+    let mut outcome = Ok(());
     if let Some(reply) = reset_reply {
         let dp = ctx.dataplane.clone();
         let cfg = args.dataplane();
-        let outcome = blocking(move || {
+        let result = blocking(move || {
             // Dropping the data plane releases the node lock, which reset takes itself.
             drop(dp.lock().unwrap_or_else(|p| p.into_inner()).take());
             dataplane::reset(&cfg)
         })
         .await?;
-        let _ = reply.send(outcome.as_ref().map(|_| ()).map_err(|e| e.to_string()));
-        outcome?;
-        info!("data plane torn down on request");
+        let _ = reply.send(result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+        match result {
+            Ok(()) => info!("data plane torn down on request"),
+            Err(e) => outcome = Err(AgentError::Dataplane(e)),
+        }
     }
-    Ok(())
+    let _ = stop_tx.send(true);
+    let _ = admin.await;
+    if let Some(h) = http {
+        let _ = h.await;
+    }
+    outcome
 }
 
 async fn wait_stop(mut rx: tokio::sync::watch::Receiver<bool>) {

@@ -281,17 +281,25 @@ fn with_implicit_root_fields(mut schema: Value) -> Value {
             props
                 .entry("kind")
                 .or_insert_with(|| json!({"type": "string"}));
-            props.insert(
-                "metadata".to_owned(),
-                json!({
-                    "type": "object",
-                    "x-kubernetes-preserve-unknown-fields": true,
-                    "properties": {
-                        "name": {"type": "string"},
-                        "generateName": {"type": "string"}
+            // Keep what the CRD declares about metadata (e.g. a pattern on `name`); the other
+            // ObjectMeta fields pass through untouched.
+            let meta = props
+                .entry("metadata")
+                .or_insert_with(|| json!({"type": "object"}));
+            if let Some(meta) = meta.as_object_mut() {
+                meta.insert(
+                    "x-kubernetes-preserve-unknown-fields".to_owned(),
+                    Value::Bool(true),
+                );
+                let fields = meta.entry("properties").or_insert_with(|| json!({}));
+                if let Some(fields) = fields.as_object_mut() {
+                    for key in ["name", "generateName"] {
+                        fields
+                            .entry(key)
+                            .or_insert_with(|| json!({"type": "string"}));
                     }
-                }),
-            );
+                }
+            }
         }
     }
     schema

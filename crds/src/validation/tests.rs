@@ -222,3 +222,18 @@ fn a_set_with_a_repeated_item_is_refused_at_the_repeat() {
     assert_eq!(errors[0].field, "s[2]");
     assert_eq!(errors[0].message, "Duplicate value: \"a\"");
 }
+
+#[test]
+fn a_pattern_the_crd_declares_on_metadata_name_is_enforced() {
+    let v = validator(json!({"type": "object", "properties": {
+        "metadata": {"type": "object", "properties": {"name": {"type": "string", "pattern": "^web-"}}}
+    }}));
+    assert!(
+        v.validate(&json!({"metadata": {"name": "web-1", "uid": "u"}}), None)
+            .is_ok()
+    );
+    let errors = v
+        .validate(&json!({"metadata": {"name": "db-1"}}), None)
+        .expect_err("pattern");
+    assert_eq!(errors[0].field, "metadata.name");
+}

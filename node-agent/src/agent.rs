@@ -99,7 +99,9 @@ pub fn init_logging(filter: &str, json: bool) -> Result<LogControl, AgentError> 
         detail: e.to_string(),
     })?;
     let (layer, handle) = reload::Layer::new(parsed);
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let registry = tracing_subscriber::registry().with(layer);
     let res = if json {
         registry.with(fmt.json()).try_init()

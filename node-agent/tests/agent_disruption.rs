@@ -187,8 +187,8 @@ fn fifty_sigkills_at_random_points_including_mid_sync_keep_every_connection_work
 #[test]
 fn twenty_upgrades_and_rollbacks_between_layouts_with_thousands_of_entries_drop_nothing() {
     let mut env = AgentEnv::new("layouts");
-    // 2,000 filler services with two backends each, plus the two services under traffic.
-    env.write_source(&yaml(&services(&[18083, 18084]), 2000));
+    // 1,000 filler services with two backends each, plus the two services under traffic.
+    env.write_source(&yaml(&services(&[18083, 18084]), 1000));
     env.start_agent(1);
     env.wait_ready();
     let links = env.link_ids();

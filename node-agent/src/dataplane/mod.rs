@@ -772,3 +772,9 @@ pub fn reset(cfg: &DataplaneConfig) -> Result<(), DataplaneError> {
     loader::teardown(&paths);
     check_gone(&paths)
 }
+
+/// `Dataplane` runs inside `spawn_blocking`, so it must stay `Send`.
+const _: fn() = || {
+    fn assert_send<T: Send>() {}
+    assert_send::<Dataplane>();
+};

@@ -331,3 +331,41 @@ fn a_backend_of_the_wrong_family_is_refused_with_the_service_named() {
     assert!(err.to_string().contains("127.100.6.1"), "{err}");
     assert!(dp.observed().expect("observed").services.is_empty());
 }
+
+#[test]
+fn a_fresh_start_that_cannot_attach_rolls_back_every_pin() {
+    let env = TestEnv::new("rollback", 2);
+    let cfg = meshlet_agent::dataplane::DataplaneConfig {
+        cgroup: env.cfg.cgroup.join("missing-child"),
+        ..env.cfg.clone()
+    };
+    let err = Dataplane::start(cfg.clone()).expect_err("attach to a missing cgroup");
+    assert!(err.to_string().contains("missing-child"), "{err}");
+    assert!(
+        !cfg.bpffs_root.exists(),
+        "pins left behind: {:?}",
+        pins(&cfg.bpffs_root)
+    );
+    assert_eq!(
+        dataplane::preflight(&cfg).expect("preflight"),
+        StartupDecision::Fresh
+    );
+}
+
+#[test]
+fn preflight_reads_the_pinned_state_while_an_agent_holds_the_lock() {
+    let env = TestEnv::new("preflight", 1);
+    let (_dp, _) = Dataplane::start(env.cfg.clone()).expect("start");
+    assert_eq!(
+        dataplane::preflight(&env.cfg).expect("preflight"),
+        StartupDecision::SameLayout { layout: 1 }
+    );
+    assert_eq!(
+        dataplane::preflight(&env.with_layout(2)).expect("preflight"),
+        StartupDecision::Migrate { from: 1, to: 2 }
+    );
+    assert!(matches!(
+        dataplane::preflight(&env.with_layout(7)),
+        Err(DataplaneError::UnsupportedLayout { layout: 7 })
+    ));
+}

@@ -58,11 +58,16 @@ static __always_inline int pick_index(__u32 service_id, const struct mlt_service
 #endif
 }
 
+/* try_select() result when an entry behind the frontend vanished: the loader replaced the
+ * service while we looked; the frontend already names the new service id, so look again. */
+#define MLT_RACED -2
+
 /*
- * Look the frontend up and choose a backend. Returns 1 with *out set when the destination is
- * a service with a backend, 0 when it is no service, -1 when it is a service without backend.
+ * One lookup pass. Returns 1 with *out set when the destination is a service with a backend,
+ * 0 when it is no service, -1 when the service has no backend, MLT_RACED when an entry behind
+ * the frontend is missing.
  */
-static __always_inline int select_backend(const struct mlt_frontend_key *fk, struct mlt_backend *out)
+static __always_inline int try_select(const struct mlt_frontend_key *fk, struct mlt_backend *out)
 {
 	struct mlt_frontend *fe = bpf_map_lookup_elem(&mlt_frontend, fk);
 	struct mlt_endpoint_key ek = {};
@@ -76,19 +81,31 @@ static __always_inline int select_backend(const struct mlt_frontend_key *fk, str
 	ek.service_id = fe->service_id;
 	svc = bpf_map_lookup_elem(&mlt_service, &ek.service_id);
 	if (!svc)
+		return MLT_RACED;
+	if (svc->count == 0)
 		return -1;
 	index = pick_index(ek.service_id, svc);
 	if (index < 0)
-		return -1;
+		return MLT_RACED;
 	ek.index = index;
 	ep = bpf_map_lookup_elem(&mlt_endpoint, &ek);
 	if (!ep)
-		return -1;
+		return MLT_RACED;
 	be = bpf_map_lookup_elem(&mlt_backend, &ep->backend_id);
 	if (!be)
-		return -1;
+		return MLT_RACED;
 	__builtin_memcpy(out, be, sizeof(*out));
 	return 1;
+}
+
+/* Chooses a backend for the frontend key, looking twice if an update raced the first pass. */
+static __always_inline int select_backend(const struct mlt_frontend_key *fk, struct mlt_backend *out)
+{
+	int found = try_select(fk, out);
+
+	if (found == MLT_RACED)
+		found = try_select(fk, out);
+	return found == MLT_RACED ? -1 : found;
 }
 
 static __always_inline void remember(struct bpf_sock_addr *ctx, const struct mlt_frontend_key *fk,
@@ -109,7 +126,7 @@ static __always_inline void remember(struct bpf_sock_addr *ctx, const struct mlt
 static __always_inline int forward4(struct bpf_sock_addr *ctx)
 {
 	struct mlt_frontend_key fk = {};
-	struct mlt_backend be;
+	struct mlt_backend be = {};
 	__u32 ip4 = ctx->user_ip4;
 	int found;
 
@@ -136,7 +153,7 @@ static __always_inline int forward4(struct bpf_sock_addr *ctx)
 static __always_inline int forward6(struct bpf_sock_addr *ctx)
 {
 	struct mlt_frontend_key fk = {};
-	struct mlt_backend be;
+	struct mlt_backend be = {};
 	__u32 w[4];
 	int found;
 

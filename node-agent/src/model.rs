@@ -12,7 +12,9 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 /// Transport protocol of a service port.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Protocol {
     /// TCP (rewritten at `connect`).
@@ -22,7 +24,9 @@ pub enum Protocol {
 }
 
 /// A service frontend: the virtual IP, port and protocol clients connect to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct ServiceKey {
     /// Virtual IP (IPv4 or IPv6).
     pub vip: IpAddr,
@@ -33,7 +37,9 @@ pub struct ServiceKey {
 }
 
 /// One backend of a service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct Backend {
     /// Backend address; same family as the service VIP.
     pub addr: IpAddr,

@@ -517,7 +517,7 @@ pub fn apply(
     Ok(result)
 }
 
-/// Whether a managedFields list is structurally valid (each entry an object with a manager).
+/// The managers recorded in an object's managedFields, with their operation.
 pub fn managers(obj: &Value) -> BTreeMap<String, String> {
     read_entries(obj)
         .into_iter()

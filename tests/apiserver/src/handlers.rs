@@ -1317,14 +1317,7 @@ fn invalid(t: &Target, name: &str, causes: Vec<Cause>) -> ApiError {
     }
 }
 
-fn writer<'a>(
-    ctx: &Ctx<'_>,
-    t: &'a Target,
-    manager: &'a str,
-    time: &'a str,
-    api_version: &'a str,
-) -> Writer<'a> {
-    let _ = ctx;
+fn writer<'a>(t: &'a Target, manager: &'a str, time: &'a str, api_version: &'a str) -> Writer<'a> {
     Writer {
         manager,
         subresource: &t.sub,
@@ -1462,11 +1455,7 @@ fn create(ctx: &Ctx<'_>, t: &Target, body: &[u8]) -> Result<Response, ApiError> 
     let manager = ctx.manager("unknown");
     let time = now_rfc3339();
     let av = t.rt.api_version();
-    apply::record_update(
-        None,
-        &mut admitted.obj,
-        &writer(ctx, t, &manager, &time, &av),
-    );
+    apply::record_update(None, &mut admitted.obj, &writer(t, &manager, &time, &av));
     let (code, obj) = commit(ctx, t, None, admitted.obj, 201)?;
     Ok(with_warnings(
         json_response(code, &output(&t.rt, &obj), "application/json"),
@@ -1513,7 +1502,7 @@ fn update(ctx: &Ctx<'_>, t: &Target, body: &[u8]) -> Result<Response, ApiError> 
     apply::record_update(
         Some(&old),
         &mut admitted.obj,
-        &writer(ctx, t, &manager, &time, &av),
+        &writer(t, &manager, &time, &av),
     );
     let (code, obj) = commit(ctx, t, Some(&old), admitted.obj, 201)?;
     Ok(with_warnings(
@@ -1552,7 +1541,7 @@ fn patch_request(ctx: &Ctx<'_>, t: &Target, body: &[u8]) -> Result<Response, Api
         let manager = ctx.manager("unknown");
         let time = now_rfc3339();
         let av = t.rt.api_version();
-        let w = writer(ctx, t, &manager, &time, &av);
+        let w = writer(t, &manager, &time, &av);
         let (new, op) = match (&old, ct.as_str()) {
             (_, "application/apply-patch+yaml" | "application/apply-patch+cbor") => {
                 if old.is_none() {
@@ -1637,10 +1626,6 @@ fn patch_request(ctx: &Ctx<'_>, t: &Target, body: &[u8]) -> Result<Response, Api
         let mut admitted = admit(ctx, t, old.as_deref(), new, op)?;
         if !is_apply {
             apply::record_update(old.as_deref(), &mut admitted.obj, &w);
-        } else if let Some(o) = &old {
-            // Status split may have discarded parts of the applied object; keep the
-            // recorded ownership as computed by apply.
-            let _ = o;
         }
         match commit(ctx, t, old.as_deref(), admitted.obj, 201) {
             Err(ApiError::Conflict { .. }) | Err(ApiError::AlreadyExists { .. }) => continue,

@@ -258,3 +258,36 @@ fn the_example_files_shipped_in_the_repository_are_valid() {
         "expected at least two example files, found {seen}"
     );
 }
+
+#[test]
+fn a_file_that_fills_the_default_capacities_is_accepted() {
+    // 5,000 services with 20 endpoints each: the default map capacities, written in block
+    // style with every key, as a person or a generator would.
+    let mut text = String::from("services:\n");
+    for s in 0..5_000u32 {
+        text.push_str(&format!(
+            "  - name: svc-{s}\n    vip: 127.100.{}.{}\n    ports:\n      - port: 80\n        protocol: TCP\n        targetPort: 8080\n    endpoints:\n",
+            s / 250,
+            s % 250 + 1
+        ));
+        for e in 0..20u32 {
+            let i = s * 20 + e;
+            text.push_str(&format!(
+                "      - address: 127.{}.{}.{}\n        port: 8080\n        weight: 1\n",
+                1 + i / 65_536,
+                (i / 256) % 256,
+                i % 256
+            ));
+        }
+    }
+    let limits = Limits {
+        max_services: 5_000,
+        max_endpoints: 100_000,
+    };
+    let state = parse("full.yaml", &text, limits).expect("a file at capacity must parse");
+    assert_eq!(state.services.len(), 5_000);
+    assert_eq!(
+        state.services.values().map(Vec::len).sum::<usize>(),
+        100_000
+    );
+}

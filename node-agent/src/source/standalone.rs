@@ -223,6 +223,26 @@ fn yaml_message(rendered: &str) -> String {
     }
 }
 
+/// The YAML parser's resource budget, sized to the map capacities: a file that fills the maps
+/// must parse (the parser's default of 250,000 nodes refuses 100,000 endpoints), while a file
+/// far beyond them is still cut off early instead of exhausting memory.
+fn yaml_options(limits: Limits) -> serde_saphyr::Options {
+    // An endpoint written in block style with all its keys is a mapping plus six scalars; a
+    // service adds its name, VIP and ports. Allow four times that for comments and style.
+    let per_endpoint = 8;
+    let per_service = 32;
+    let nodes = 4
+        * (limits.max_endpoints as usize * per_endpoint
+            + limits.max_services as usize * per_service)
+        + 4096;
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_nodes = budget.max_nodes.max(nodes);
+    budget.max_events = budget.max_events.max(2 * nodes);
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    options
+}
+
 /// Parse and validate the text of a standalone file. `file` names it in messages.
 pub fn parse(file: &str, text: &str, limits: Limits) -> Result<DesiredState, StandaloneError> {
     let located = |issues| Issues {
@@ -236,27 +256,28 @@ pub fn parse(file: &str, text: &str, limits: Limits) -> Result<DesiredState, Sta
             "file is empty; expected a `services:` list (write `services: []` for none)",
         )])));
     }
-    let doc: FileDoc = serde_saphyr::from_str(text).map_err(|e| {
-        let (line, column) = e
-            .location()
-            .map(|l| (l.line(), l.column()))
-            .unwrap_or((0, 0));
-        let rendered = e.to_string();
-        let message = yaml_message(&rendered);
-        // A missing key is reported where its mapping is; name the key, not a neighbour.
-        let field = match message
-            .strip_prefix("missing field `")
-            .and_then(|r| r.split_once('`'))
-        {
-            Some((missing, _)) => missing.to_string(),
-            None => key_on_line(text, line),
-        };
-        StandaloneError::Parse(located(vec![Issue::new(
-            line,
-            field,
-            format!("{message} (column {column})"),
-        )]))
-    })?;
+    let doc: FileDoc =
+        serde_saphyr::from_str_with_options(text, yaml_options(limits)).map_err(|e| {
+            let (line, column) = e
+                .location()
+                .map(|l| (l.line(), l.column()))
+                .unwrap_or((0, 0));
+            let rendered = e.to_string();
+            let message = yaml_message(&rendered);
+            // A missing key is reported where its mapping is; name the key, not a neighbour.
+            let field = match message
+                .strip_prefix("missing field `")
+                .and_then(|r| r.split_once('`'))
+            {
+                Some((missing, _)) => missing.to_string(),
+                None => key_on_line(text, line),
+            };
+            StandaloneError::Parse(located(vec![Issue::new(
+                line,
+                field,
+                format!("{message} (column {column})"),
+            )]))
+        })?;
 
     let mut issues = Vec::new();
     let mut state = DesiredState::default();

@@ -464,6 +464,8 @@ async fn sync(
                 "synced"
             );
             index.applied(desired.clone());
+            // The parsed source and the diff of a large sync are freed by now.
+            crate::dataplane::sys::release_free_memory();
             ctx.with_status(|s| {
                 s.ready = true;
                 s.syncs += 1;

@@ -406,3 +406,14 @@ pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
     let mut attr = Attr::default().u32(0, fd_u32(link));
     bpf(LINK_DETACH, &mut attr, 4).map(|_| ())
 }
+
+/// Give memory the allocator holds but no longer uses back to the kernel. After a large
+/// sync the parsed source and the diff are freed, but glibc keeps those pages in its arenas;
+/// trimming keeps the agent's resident memory at what it actually holds.
+pub fn release_free_memory() {
+    // SAFETY: malloc_trim only walks glibc's own arenas and takes their locks; it has no
+    // arguments that could point at memory we own and cannot invalidate live allocations.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

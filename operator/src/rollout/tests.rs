@@ -62,24 +62,23 @@ fn fleet(nodes: Vec<NodeView>) -> Observed {
     }
 }
 
-fn started(plan: &Plan) -> Vec<String> {
+/// Nodes the plan moves to `version`.
+fn moved_to(plan: &Plan, version: &str) -> Vec<String> {
     plan.actions
         .iter()
         .filter_map(|a| match a {
-            Action::SetDesiredVersion { node, version } if version == NEW => Some(node.clone()),
+            Action::SetDesiredVersion { node, version: v } if v == version => Some(node.clone()),
             _ => None,
         })
         .collect()
 }
 
+fn started(plan: &Plan) -> Vec<String> {
+    moved_to(plan, NEW)
+}
+
 fn rolled_back(plan: &Plan) -> Vec<String> {
-    plan.actions
-        .iter()
-        .filter_map(|a| match a {
-            Action::SetDesiredVersion { node, version } if version == OLD => Some(node.clone()),
-            _ => None,
-        })
-        .collect()
+    moved_to(plan, OLD)
 }
 
 fn restarted(plan: &Plan) -> Vec<String> {

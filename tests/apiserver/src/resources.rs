@@ -140,6 +140,60 @@ impl ResourceType {
 
 /// The built-in resources Meshlet's components and kubectl use.
 pub fn builtins() -> Vec<ResourceType> {
+    let mut all = builtin_types();
+    for t in &mut all {
+        t.printer_columns = builtin_columns(&t.resource);
+    }
+    all
+}
+
+/// `kubectl get` columns of the built-in workload kinds (server-side printing), close to
+/// kube-apiserver's; readiness shows as the Ready condition's status.
+fn builtin_columns(resource: &str) -> Vec<PrinterColumn> {
+    let ready = r#".status.conditions[?(@.type=="Ready")].status"#;
+    let cols: &[(&str, &str, &str, i64)] = match resource {
+        "nodes" => &[
+            ("Ready", "string", ready, 0),
+            ("Version", "string", ".status.nodeInfo.kubeletVersion", 0),
+            ("Internal-IP", "string", ".status.addresses[0].address", 1),
+        ],
+        "pods" => &[
+            ("Ready", "string", ready, 0),
+            ("Status", "string", ".status.phase", 0),
+            (
+                "Restarts",
+                "integer",
+                ".status.containerStatuses[0].restartCount",
+                0,
+            ),
+            ("IP", "string", ".status.podIP", 1),
+            ("Node", "string", ".spec.nodeName", 1),
+        ],
+        "daemonsets" => &[
+            ("Desired", "integer", ".status.desiredNumberScheduled", 0),
+            ("Current", "integer", ".status.currentNumberScheduled", 0),
+            ("Ready", "integer", ".status.numberReady", 0),
+            ("Up-to-date", "integer", ".status.updatedNumberScheduled", 0),
+            ("Available", "integer", ".status.numberAvailable", 0),
+        ],
+        "deployments" => &[
+            ("Ready", "integer", ".status.readyReplicas", 0),
+            ("Up-to-date", "integer", ".status.updatedReplicas", 0),
+            ("Available", "integer", ".status.availableReplicas", 0),
+        ],
+        _ => &[],
+    };
+    cols.iter()
+        .map(|(name, type_, path, priority)| PrinterColumn {
+            name: (*name).into(),
+            type_: (*type_).into(),
+            json_path: (*path).into(),
+            priority: *priority,
+        })
+        .collect()
+}
+
+fn builtin_types() -> Vec<ResourceType> {
     let b = ResourceType::builtin;
     vec![
         b("", "v1", "namespaces", "Namespace", false, &["ns"], true),

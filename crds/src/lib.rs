@@ -11,6 +11,7 @@
 //! ```
 
 pub mod conditions;
+pub mod names;
 pub mod v1alpha1;
 #[cfg(feature = "validation")]
 pub mod validation;

@@ -75,6 +75,12 @@ pub struct Metrics {
     pub program_counters: Family<KindLabel, Gauge>,
     /// 1 once the first sync succeeded.
     pub ready: Gauge,
+    /// Kubernetes source: watch errors (each followed by a backed-off restart), by resource.
+    pub watch_restarts: Family<KindLabel, Counter>,
+    /// Kubernetes source: skipped objects or addresses (once per new reason).
+    pub source_skipped: Counter,
+    /// NodeEnrollment status writes by result (`written`, `failed`).
+    pub status_writes: Family<KindLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -95,6 +101,24 @@ impl Metrics {
         let start_duration = Gauge::<f64, AtomicU64>::default();
         let program_counters = Family::<KindLabel, Gauge>::default();
         let ready = Gauge::default();
+        let watch_restarts = Family::<KindLabel, Counter>::default();
+        let source_skipped = Counter::default();
+        let status_writes = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "watch_restarts",
+            "Kubernetes watch errors by resource, each followed by a backed-off restart",
+            watch_restarts.clone(),
+        );
+        registry.register(
+            "source_skipped_objects",
+            "Kubernetes objects or addresses skipped as unusable, once per new reason",
+            source_skipped.clone(),
+        );
+        registry.register(
+            "status_writes",
+            "NodeEnrollment status writes by result",
+            status_writes.clone(),
+        );
         registry.register(
             "map_entries",
             "Entries stored in a pinned map",
@@ -133,6 +157,9 @@ impl Metrics {
             start_duration,
             program_counters,
             ready,
+            watch_restarts,
+            source_skipped,
+            status_writes,
         }
     }
 

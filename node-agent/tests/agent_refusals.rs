@@ -5,7 +5,7 @@ mod agent_support;
 
 use std::time::{Duration, Instant};
 
-use agent_support::{AgentEnv, count, svc, yaml};
+use agent_support::{AGENT, AgentEnv, count, svc, yaml};
 use meshlet_agent::agent::{EXIT_LOCKED, EXIT_UNADOPTABLE};
 use meshlet_agent::dataplane::sys::RawMap;
 use nix::sys::signal::Signal;
@@ -132,4 +132,30 @@ fn a_second_agent_on_the_same_root_exits_with_a_clear_message_and_corrupts_nothi
     assert_eq!(count(&report, "fail"), 0, "{report}");
     assert_eq!(count(&report, "ok"), 200, "{report}");
     assert_eq!(env.map_services(), env.source_services());
+}
+
+#[test]
+fn preflight_refuses_a_cgroup_that_does_not_exist_naming_it_and_pins_nothing() {
+    let env = AgentEnv::new("no-cgroup");
+    let out = std::process::Command::new(AGENT)
+        .arg("preflight")
+        .arg("--bpffs-root")
+        .arg(&env.bpffs_root)
+        .args(["--cgroup", "/nonexistent/meshlet"])
+        .output()
+        .expect("run preflight");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "preflight accepted a missing cgroup: {text}"
+    );
+    assert!(
+        text.contains("/nonexistent/meshlet") && text.contains("not a cgroup v2 directory"),
+        "preflight did not name the cgroup: {text}"
+    );
+    assert!(
+        !env.bpffs_root.join("meta").exists(),
+        "preflight pinned something under {}",
+        env.bpffs_root.display()
+    );
 }

@@ -346,8 +346,16 @@ fn a_fresh_start_that_cannot_attach_rolls_back_every_pin() {
         "pins left behind: {:?}",
         pins(&cfg.bpffs_root)
     );
+    // Preflight refuses the same cgroup up front, naming it ...
+    let refused = dataplane::preflight(&cfg).expect_err("preflight of a missing cgroup");
+    assert!(refused.to_string().contains("missing-child"), "{refused}");
+    // ... and with a real cgroup it finds nothing pinned: the failed start left no trace.
+    let real = meshlet_agent::dataplane::DataplaneConfig {
+        cgroup: env.cfg.cgroup.clone(),
+        ..cfg
+    };
     assert_eq!(
-        dataplane::preflight(&cfg).expect("preflight"),
+        dataplane::preflight(&real).expect("preflight"),
         StartupDecision::Fresh
     );
 }

@@ -14,14 +14,7 @@
 
 use k8s_openapi::api::rbac::v1::PolicyRule;
 
-/// Namespace the operator, the agents and the IPsec key Secret live in.
-pub const NAMESPACE: &str = "meshlet-system";
-/// ServiceAccount (and Deployment) name of the operator.
-pub const OPERATOR_NAME: &str = "meshlet-operator";
-/// ServiceAccount (and DaemonSet) name of the node agent.
-pub const AGENT_NAME: &str = "meshlet-agent";
-/// Name of the Secret holding the IPsec pre-shared key the operator generates.
-pub const IPSEC_KEY_SECRET: &str = "meshlet-ipsec-key";
+pub use meshlet_crds::names::{AGENT_NAME, IPSEC_KEY_SECRET, NAMESPACE, OPERATOR_NAME};
 
 /// One row of the RBAC table.
 #[derive(Debug, Clone, Copy)]

@@ -185,6 +185,16 @@ pub enum DataplaneError {
         /// Layout asked for.
         layout: u32,
     },
+    /// The cgroup the programs attach to is not a cgroup v2 directory.
+    #[error(
+        "{path} is not a cgroup v2 directory ({detail}); point --cgroup (MESHLET_CGROUP) at the node's cgroup2 mount"
+    )]
+    NotCgroup2 {
+        /// The configured cgroup.
+        path: PathBuf,
+        /// Why it was refused.
+        detail: String,
+    },
     /// A bpffs or cgroup path could not be prepared or read.
     #[error("failed to {action} {path}")]
     Filesystem {
@@ -250,6 +260,14 @@ pub enum DataplaneError {
 pub fn preflight(cfg: &DataplaneConfig) -> Result<StartupDecision, DataplaneError> {
     if !loader::layout_known(cfg.layout) {
         return Err(DataplaneError::UnsupportedLayout { layout: cfg.layout });
+    }
+    // The programs attach to this cgroup: a path that is not a cgroup v2 directory would only
+    // fail later, at attach time, after the previous agent is already gone.
+    if let Err(e) = std::fs::metadata(cfg.cgroup.join("cgroup.procs")) {
+        return Err(DataplaneError::NotCgroup2 {
+            path: cfg.cgroup.clone(),
+            detail: e.to_string(),
+        });
     }
     let paths = Paths {
         root: cfg.bpffs_root.clone(),

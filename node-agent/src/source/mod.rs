@@ -3,12 +3,13 @@
 //!
 //! ```text
 //!  StandaloneSource (YAML file, polled) ─┐
-//!  (Kubernetes source, later)          ──┴─► mpsc<SourceUpdate> ─► Index ─► Dataplane::apply
+//!  KubernetesSource (Services, Slices)  ─┴─► mpsc<SourceUpdate> ─► Index ─► Dataplane::apply
 //! ```
 //!
 //! A source reports a file or object it cannot use as [`SourceEvent::Invalid`]; the index then
 //! keeps the last good snapshot of that source, so the data plane keeps serving.
 
+pub mod kubernetes;
 pub mod standalone;
 
 use tokio::sync::mpsc;

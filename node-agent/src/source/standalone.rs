@@ -118,6 +118,30 @@ pub enum StandaloneError {
 #[serde(deny_unknown_fields)]
 struct FileDoc {
     services: Spanned<Vec<Spanned<ServiceDoc>>>,
+    /// Read by [`parse_ipsec`]; the services part ignores it.
+    #[serde(default)]
+    #[allow(dead_code)]
+    ipsec: Option<Spanned<IpsecDoc>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct IpsecDoc {
+    node_name: Spanned<String>,
+    local_address: Spanned<String>,
+    algorithm: Option<Spanned<String>>,
+    key_file: Spanned<String>,
+    spis: Spanned<Vec<Spanned<i64>>>,
+    active_spi: Option<Spanned<i64>>,
+    #[serde(default)]
+    peers: Vec<Spanned<PeerDoc>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PeerDoc {
+    name: Spanned<String>,
+    address: Spanned<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -243,8 +267,7 @@ fn yaml_options(limits: Limits) -> serde_saphyr::Options {
     options
 }
 
-/// Parse and validate the text of a standalone file. `file` names it in messages.
-pub fn parse(file: &str, text: &str, limits: Limits) -> Result<DesiredState, StandaloneError> {
+fn parse_doc(file: &str, text: &str, limits: Limits) -> Result<FileDoc, StandaloneError> {
     let located = |issues| Issues {
         file: file.to_string(),
         issues,
@@ -256,28 +279,36 @@ pub fn parse(file: &str, text: &str, limits: Limits) -> Result<DesiredState, Sta
             "file is empty; expected a `services:` list (write `services: []` for none)",
         )])));
     }
-    let doc: FileDoc =
-        serde_saphyr::from_str_with_options(text, yaml_options(limits)).map_err(|e| {
-            let (line, column) = e
-                .location()
-                .map(|l| (l.line(), l.column()))
-                .unwrap_or((0, 0));
-            let rendered = e.to_string();
-            let message = yaml_message(&rendered);
-            // A missing key is reported where its mapping is; name the key, not a neighbour.
-            let field = match message
-                .strip_prefix("missing field `")
-                .and_then(|r| r.split_once('`'))
-            {
-                Some((missing, _)) => missing.to_string(),
-                None => key_on_line(text, line),
-            };
-            StandaloneError::Parse(located(vec![Issue::new(
-                line,
-                field,
-                format!("{message} (column {column})"),
-            )]))
-        })?;
+    serde_saphyr::from_str_with_options(text, yaml_options(limits)).map_err(|e| {
+        let (line, column) = e
+            .location()
+            .map(|l| (l.line(), l.column()))
+            .unwrap_or((0, 0));
+        let rendered = e.to_string();
+        let message = yaml_message(&rendered);
+        // A missing key is reported where its mapping is; name the key, not a neighbour.
+        let field = match message
+            .strip_prefix("missing field `")
+            .and_then(|r| r.split_once('`'))
+        {
+            Some((missing, _)) => missing.to_string(),
+            None => key_on_line(text, line),
+        };
+        StandaloneError::Parse(located(vec![Issue::new(
+            line,
+            field,
+            format!("{message} (column {column})"),
+        )]))
+    })
+}
+
+/// Parse and validate the text of a standalone file. `file` names it in messages.
+pub fn parse(file: &str, text: &str, limits: Limits) -> Result<DesiredState, StandaloneError> {
+    let located = |issues| Issues {
+        file: file.to_string(),
+        issues,
+    };
+    let doc = parse_doc(file, text, limits)?;
 
     let mut issues = Vec::new();
     let mut state = DesiredState::default();
@@ -470,6 +501,249 @@ pub fn load(path: &Path, limits: Limits) -> Result<DesiredState, StandaloneError
         source,
     })?;
     parse(&path.display().to_string(), &text, limits)
+}
+
+fn parse_hex(text: &str) -> Option<Vec<u8>> {
+    let t = text.trim();
+    let t = t.strip_prefix("0x").unwrap_or(t);
+    if !t.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..t.len())
+        .step_by(2)
+        .map(|i| t.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
+        .collect()
+}
+
+/// Key generations of an IPsec key file: one line per generation, `<spi> <psk-hex>
+/// [<salt-hex>]`; `#` starts a comment. Problems are reported as `keyfile:line: message`.
+pub fn parse_key_file(path: &Path, text: &str) -> Result<Vec<crate::ipsec::KeyGeneration>, String> {
+    let mut out: Vec<crate::ipsec::KeyGeneration> = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let at = format!("{}:{}", path.display(), i + 1);
+        let mut parts = line.split_whitespace();
+        let spi = parts.next().and_then(|v| v.parse::<u32>().ok());
+        let Some(spi) = spi.filter(|s| (1..=crate::ipsec::MAX_SPI).contains(s)) else {
+            return Err(format!(
+                "{at}: expected `<spi 1..65535> <psk hex> [<salt hex>]`"
+            ));
+        };
+        let Some(psk) = parts.next().and_then(parse_hex) else {
+            return Err(format!("{at}: the pre-shared key must be hex digits"));
+        };
+        if psk.len() < 16 {
+            return Err(format!(
+                "{at}: the pre-shared key has {} bytes; at least 16 are required",
+                psk.len()
+            ));
+        }
+        let salt = match parts.next() {
+            None => Vec::new(),
+            Some(v) => parse_hex(v).ok_or_else(|| format!("{at}: the salt must be hex digits"))?,
+        };
+        if parts.next().is_some() {
+            return Err(format!(
+                "{at}: too many fields; expected `<spi> <psk hex> [<salt hex>]`"
+            ));
+        }
+        if out.iter().any(|k| k.spi == spi) {
+            return Err(format!("{at}: spi {spi} is listed twice"));
+        }
+        out.push(crate::ipsec::KeyGeneration { spi, psk, salt });
+    }
+    Ok(out)
+}
+
+/// Parse the `ipsec:` section of a standalone file (`None` when there is none). A relative
+/// `keyFile` is resolved against `base_dir`. Every refusal names the file, line and field.
+///
+/// ```yaml
+/// ipsec:
+///   nodeName: node-a            # this node's name (enters the key derivation)
+///   localAddress: 10.77.0.1     # this node's address
+///   algorithm: rfc4106(gcm(aes))  # or cbc(aes)+hmac(sha256), rfc7539esp(chacha20,poly1305)
+///   keyFile: ipsec.keys         # lines `<spi> <psk hex> [<salt hex>]`
+///   spis: [1, 2]                # generations to accept inbound (1..65535)
+///   activeSpi: 2                # generation outbound traffic uses; omit for inbound only
+///   peers:
+///     - name: node-b
+///       address: 10.77.0.2
+/// ```
+pub fn parse_ipsec(
+    file: &str,
+    text: &str,
+    base_dir: &Path,
+) -> Result<Option<crate::ipsec::IpsecConfig>, StandaloneError> {
+    use crate::ipsec::{Algorithm, IpsecConfig, MAX_SPI, Peer};
+    let limits = Limits {
+        max_services: 5_000,
+        max_endpoints: 100_000,
+    };
+    let doc = parse_doc(file, text, limits)?;
+    let Some(sec) = doc.ipsec else {
+        return Ok(None);
+    };
+    let d = &sec.value;
+    let mut issues = Vec::new();
+    let node_name = d.node_name.value.trim().to_string();
+    if node_name.is_empty() {
+        issues.push(Issue::new(
+            d.node_name.referenced.line(),
+            "ipsec.nodeName",
+            "must not be empty",
+        ));
+    }
+    let local = parse_ip(&d.local_address, "ipsec.localAddress".into(), &mut issues);
+    let algorithm = match &d.algorithm {
+        None => Some(Algorithm::AesGcm),
+        Some(a) => {
+            let parsed = Algorithm::parse(&a.value);
+            if parsed.is_none() {
+                let allowed: Vec<_> = Algorithm::ALL.iter().map(|a| a.name()).collect();
+                issues.push(Issue::new(
+                    a.referenced.line(),
+                    "ipsec.algorithm",
+                    format!("must be one of {}, got {:?}", allowed.join(", "), a.value),
+                ));
+            }
+            parsed
+        }
+    };
+    let mut spis = Vec::new();
+    if d.spis.value.is_empty() {
+        issues.push(Issue::new(
+            d.spis.referenced.line(),
+            "ipsec.spis",
+            "must list at least one key generation",
+        ));
+    }
+    for (i, v) in d.spis.value.iter().enumerate() {
+        match u32::try_from(v.value) {
+            Ok(spi) if (1..=MAX_SPI).contains(&spi) => {
+                if spis.contains(&spi) {
+                    issues.push(Issue::new(
+                        v.referenced.line(),
+                        format!("ipsec.spis[{i}]"),
+                        format!("spi {spi} is listed twice"),
+                    ));
+                }
+                spis.push(spi);
+            }
+            _ => issues.push(Issue::new(
+                v.referenced.line(),
+                format!("ipsec.spis[{i}]"),
+                format!("must be 1..65535, got {}", v.value),
+            )),
+        }
+    }
+    let active_spi = match &d.active_spi {
+        None => None,
+        Some(v) => match u32::try_from(v.value) {
+            Ok(spi) if spis.contains(&spi) => Some(spi),
+            _ => {
+                issues.push(Issue::new(
+                    v.referenced.line(),
+                    "ipsec.activeSpi",
+                    format!("must be one of ipsec.spis {spis:?}, got {}", v.value),
+                ));
+                None
+            }
+        },
+    };
+    let mut peers: Vec<Peer> = Vec::new();
+    let mut names_seen: HashMap<String, usize> = HashMap::new();
+    let mut addrs_seen: HashMap<IpAddr, usize> = HashMap::new();
+    for (i, p) in d.peers.iter().enumerate() {
+        let at = format!("ipsec.peers[{i}]");
+        let name = p.value.name.value.trim().to_string();
+        if name.is_empty() || name == node_name {
+            issues.push(Issue::new(
+                p.value.name.referenced.line(),
+                format!("{at}.name"),
+                "must be a non-empty node name other than ipsec.nodeName",
+            ));
+        } else if let Some(prev) = names_seen.insert(name.clone(), i) {
+            issues.push(Issue::new(
+                p.value.name.referenced.line(),
+                format!("{at}.name"),
+                format!("duplicate peer {name:?}, already ipsec.peers[{prev}]"),
+            ));
+        }
+        let Some(address) = parse_ip(&p.value.address, format!("{at}.address"), &mut issues) else {
+            continue;
+        };
+        if let Some(local) = local {
+            if local.is_ipv4() != address.is_ipv4() {
+                issues.push(Issue::new(
+                    p.value.address.referenced.line(),
+                    format!("{at}.address"),
+                    format!(
+                        "address family {} of {address} does not match ipsec.localAddress {local}",
+                        family(address)
+                    ),
+                ));
+            } else if address == local {
+                issues.push(Issue::new(
+                    p.value.address.referenced.line(),
+                    format!("{at}.address"),
+                    "is this node's own address",
+                ));
+            }
+        }
+        if let Some(prev) = addrs_seen.insert(address, i) {
+            issues.push(Issue::new(
+                p.value.address.referenced.line(),
+                format!("{at}.address"),
+                format!("duplicate address {address}, already ipsec.peers[{prev}]"),
+            ));
+        }
+        peers.push(Peer { name, address });
+    }
+    let key_path = base_dir.join(d.key_file.value.trim());
+    let mut keys = Vec::new();
+    match std::fs::read_to_string(&key_path) {
+        Err(e) => issues.push(Issue::new(
+            d.key_file.referenced.line(),
+            "ipsec.keyFile",
+            format!("cannot read {}: {e}", key_path.display()),
+        )),
+        Ok(text) => match parse_key_file(&key_path, &text) {
+            Err(m) => issues.push(Issue::new(d.key_file.referenced.line(), "ipsec.keyFile", m)),
+            Ok(all) => {
+                for spi in &spis {
+                    match all.iter().find(|k| k.spi == *spi) {
+                        Some(k) => keys.push(k.clone()),
+                        None => issues.push(Issue::new(
+                            d.key_file.referenced.line(),
+                            "ipsec.keyFile",
+                            format!("{} has no key for spi {spi}", key_path.display()),
+                        )),
+                    }
+                }
+            }
+        },
+    }
+    match (issues.is_empty(), local, algorithm) {
+        (true, Some(local_address), Some(algorithm)) => Ok(Some(IpsecConfig {
+            node_name,
+            local_address,
+            algorithm,
+            keys,
+            active_spi,
+            peers,
+        })),
+        _ => {
+            issues.sort_by_key(|i| i.line);
+            Err(StandaloneError::Validate(Issues {
+                file: file.to_string(),
+                issues,
+            }))
+        }
+    }
 }
 
 /// The standalone source: polls its file and sends a snapshot whenever the content changes.

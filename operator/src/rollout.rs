@@ -178,9 +178,6 @@ pub fn plan(policy: &Policy, observed: &Observed) -> Plan {
         return plan_halted(policy, observed, &nodes, target, updated, halt);
     }
 
-    // Fresh install: nothing to protect, every node simply gets the target.
-    let first_install = observed.current_version.is_none();
-
     let in_flight: Vec<&NodeView> = nodes
         .iter()
         .copied()
@@ -220,27 +217,34 @@ pub fn plan(policy: &Policy, observed: &Observed) -> Plan {
     };
 
     if !policy.paused {
-        let candidates: &[&NodeView] = if canaries_done || first_install {
-            &nodes
-        } else {
-            canaries
+        let waiting = |n: &&&NodeView| {
+            n.desired_version.as_deref() != Some(target) && !is_updated(policy, n, target)
         };
-        let budget = if first_install {
-            usize::MAX
-        } else {
-            let limit = policy.max_unavailable.resolve(nodes.len());
-            let unavailable = nodes
-                .iter()
-                .filter(|n| in_flight_names.contains(&n.name) || !n.dataplane_ready)
-                .count();
-            limit.saturating_sub(unavailable)
-        };
-        let starts = candidates
+        // A node whose agent has never run has nothing to protect (a fresh install, a node
+        // that just joined): it gets the target at once, outside the canary and the budget.
+        let mut starts: Vec<&NodeView> = nodes
             .iter()
-            .filter(|n| n.desired_version.as_deref() != Some(target))
-            .filter(|n| !is_updated(policy, n, target))
-            // A node that is already down for another reason does not take a slot twice.
-            .take(budget);
+            .filter(|n| !serving(n))
+            .filter(waiting)
+            .copied()
+            .collect();
+        // Nodes that serve traffic move canaries first, then within maxUnavailable, even while
+        // the fleet has not yet reached its first version.
+        let candidates: &[&NodeView] = if canaries_done { &nodes } else { canaries };
+        let limit = policy.max_unavailable.resolve(nodes.len());
+        let unavailable = nodes
+            .iter()
+            // (nodes started above are not ready, so they are counted here already)
+            .filter(|n| in_flight_names.contains(&n.name) || !n.dataplane_ready)
+            .count();
+        starts.extend(
+            candidates
+                .iter()
+                .filter(|n| serving(n))
+                .filter(waiting)
+                // A node that is already down for another reason does not take a slot twice.
+                .take(limit.saturating_sub(unavailable)),
+        );
         for n in starts {
             actions.push(Action::SetDesiredVersion {
                 node: n.name.clone(),
@@ -332,6 +336,11 @@ fn plan_halted(
         updated,
         in_flight,
     }
+}
+
+/// The node's agent runs (or ran) a data plane that traffic may depend on.
+fn serving(n: &NodeView) -> bool {
+    n.agent_version.is_some() || n.dataplane_ready
 }
 
 /// A node counts as updated once it runs `target`, healthy and unbroken, for `min_ready`.

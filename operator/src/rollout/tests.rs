@@ -466,6 +466,36 @@ fn fresh_install_enrolls_every_node_at_once() {
 }
 
 #[test]
+fn a_new_target_during_the_first_install_moves_serving_nodes_one_canary_at_a_time() {
+    // Installed at v1 moments ago: two agents already serve, one has not started yet. The
+    // fleet never reached a version, and the user now asks for v2.
+    let mut obs = fleet(vec![
+        arrived("node-1", 1),
+        arrived("node-2", 1),
+        NodeView {
+            name: "node-3".into(),
+            desired_version: Some(OLD.into()),
+            ..Default::default()
+        },
+    ]);
+    for n in &mut obs.nodes[..2] {
+        n.agent_version = Some(OLD.into());
+        n.desired_version = Some(OLD.into());
+        n.pod_version = Some(OLD.into());
+    }
+    obs.current_version = None;
+    let p = plan(&policy(), &obs);
+    // node-3 has nothing to protect and takes the target at once; the serving canary node-1
+    // would exceed maxUnavailable 1 while node-3 is down, so it waits; node-2 waits for it.
+    assert_eq!(started(&p), vec!["node-3".to_string()]);
+
+    // Once node-3 is up on v2, the canary moves, alone.
+    obs.nodes[2] = arrived("node-3", 60);
+    let p = plan(&policy(), &obs);
+    assert_eq!(started(&p), vec!["node-1".to_string()]);
+}
+
+#[test]
 fn whole_rollout_completes_without_exceeding_max_unavailable() {
     for (mu, total) in [
         (MaxUnavailable::Count(1), 5),

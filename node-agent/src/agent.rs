@@ -2,8 +2,11 @@
 //!
 //! ```text
 //!  signals installed ─► Dataplane::start (lock, decide, adopt/migrate/load) ─► observed()
-//!      ─► Index(observed) ◄── sources (standalone file, ...) via mpsc<SourceUpdate>
+//!      ─► Index(observed) ◄── sources (standalone file, Kubernetes) via mpsc<SourceUpdate>
 //!      ─► Change::Apply ─► Dataplane::apply (spawn_blocking) ─► metrics, status, ready
+//!  --kubernetes: start-up adopts pinned state at once, otherwise loads nothing until this
+//!  node's NodeEnrollment exists; KubeNode loads/drains/releases on NodeEnrollment changes and
+//!  writes its status after each sync.
 //!  admin socket (gRPC) and HTTP (/healthz /readyz /metrics) read the shared Context.
 //!  SIGTERM/SIGINT: return, leaving programs attached and maps pinned.
 //!  admin Reset: drop the data plane (releases the lock), reset(), return.
@@ -13,6 +16,10 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
@@ -28,6 +35,7 @@ use crate::dataplane::{
 use crate::index::{Change, Index};
 use crate::metrics::Metrics;
 use crate::model::DesiredState;
+use crate::source::kubernetes::node::{KubeError, KubeNode, Next};
 use crate::source::standalone::{Limits, StandaloneSource};
 use crate::source::{Source, SourceUpdate};
 
@@ -65,13 +73,25 @@ pub enum AgentError {
     /// The metrics endpoint could not be served.
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
+    /// The OTLP trace exporter could not be built.
+    #[error("failed to set up OTLP traces to {endpoint}: {detail}")]
+    Traces {
+        /// Endpoint asked for (`--otlp-endpoint`).
+        endpoint: String,
+        /// Why.
+        detail: String,
+    },
+    /// Kubernetes mode could not start.
+    #[error(transparent)]
+    Kube(#[from] KubeError),
 }
 
-/// Run-time control of the log filter.
+/// Run-time control of the log filter, and the trace pipeline when OTLP is configured.
 #[derive(Debug)]
 pub struct LogControl {
     handle: reload::Handle<EnvFilter, tracing_subscriber::Registry>,
     current: Mutex<String>,
+    traces: Option<SdkTracerProvider>,
 }
 
 impl LogControl {
@@ -90,10 +110,24 @@ impl LogControl {
         let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
         Ok(std::mem::replace(&mut *cur, filter.to_string()))
     }
+
+    /// Export the spans still buffered and stop the trace pipeline (blocking).
+    pub fn shutdown_traces(&self) {
+        if let Some(p) = &self.traces
+            && let Err(e) = p.shutdown()
+        {
+            warn!(error = %e, "failed to flush the traces");
+        }
+    }
 }
 
-/// Install the global subscriber (stderr, text or JSON) with a reloadable filter.
-pub fn init_logging(filter: &str, json: bool) -> Result<LogControl, AgentError> {
+/// Install the global subscriber (stderr, text or JSON) with a reloadable filter, plus an
+/// OTLP/gRPC span exporter to `otlp_endpoint` when given (call inside a tokio runtime).
+pub fn init_logging(
+    filter: &str,
+    json: bool,
+    otlp_endpoint: Option<&str>,
+) -> Result<LogControl, AgentError> {
     let parsed = EnvFilter::try_new(filter).map_err(|e| AgentError::LogFilter {
         filter: filter.to_string(),
         detail: e.to_string(),
@@ -102,7 +136,33 @@ pub fn init_logging(filter: &str, json: bool) -> Result<LogControl, AgentError> 
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    let registry = tracing_subscriber::registry().with(layer);
+    let traces = match otlp_endpoint {
+        None => None,
+        Some(endpoint) => {
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint)
+                .build()
+                .map_err(|e| AgentError::Traces {
+                    endpoint: endpoint.to_string(),
+                    detail: e.to_string(),
+                })?;
+            Some(
+                SdkTracerProvider::builder()
+                    .with_batch_exporter(exporter)
+                    .with_resource(
+                        Resource::builder()
+                            .with_service_name("meshlet-agent")
+                            .build(),
+                    )
+                    .build(),
+            )
+        }
+    };
+    let otel = traces
+        .as_ref()
+        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("meshlet-agent")));
+    let registry = tracing_subscriber::registry().with(layer).with(otel);
     let res = if json {
         registry.with(fmt.json()).try_init()
     } else {
@@ -115,6 +175,7 @@ pub fn init_logging(filter: &str, json: bool) -> Result<LogControl, AgentError> 
     Ok(LogControl {
         handle,
         current: Mutex::new(filter.to_string()),
+        traces,
     })
 }
 
@@ -205,11 +266,30 @@ pub fn describe_decision(d: &StartupDecision) -> (&'static str, bool, String) {
 
 /// Entry point of `meshlet-agent`: dispatch the subcommand and map the outcome to an exit code.
 pub fn main(cli: Cli) -> ExitCode {
-    let log = match init_logging(&cli.agent.log_level, cli.agent.log_json) {
-        Ok(l) => l,
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
         Err(e) => {
-            eprintln!("meshlet-agent: {e}");
-            return ExitCode::from(2);
+            eprintln!("meshlet-agent: {}", AgentError::Runtime(e));
+            return ExitCode::FAILURE;
+        }
+    };
+    let log = {
+        // The OTLP exporter's channel lives on this runtime.
+        let _runtime = rt.enter();
+        match init_logging(
+            &cli.agent.log_level,
+            cli.agent.log_json,
+            cli.agent.otlp_endpoint.as_deref(),
+        ) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("meshlet-agent: {e}");
+                return ExitCode::from(2);
+            }
         }
     };
     let args = cli.agent;
@@ -229,6 +309,7 @@ pub fn main(cli: Cli) -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Ipsec => crate::ipsec::runner::main(&args),
         Command::Reset => match dataplane::reset(&args.dataplane()) {
             Ok(()) => {
                 println!("data plane under {} torn down", args.bpffs_root.display());
@@ -239,27 +320,14 @@ pub fn main(cli: Cli) -> ExitCode {
                 exit_code_for(&AgentError::Dataplane(e))
             }
         },
-        Command::Run => {
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("meshlet-agent: {}", AgentError::Runtime(e));
-                    return ExitCode::FAILURE;
-                }
-            };
-            match rt.block_on(run(args, log)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    error!(error = %e, "agent stopped");
-                    eprintln!("meshlet-agent: {e}");
-                    exit_code_for(&e)
-                }
+        Command::Run => match rt.block_on(run(args, log)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                error!(error = %e, "agent stopped");
+                eprintln!("meshlet-agent: {e}");
+                exit_code_for(&e)
             }
-        }
+        },
     }
 }
 
@@ -287,17 +355,42 @@ pub async fn run(args: AgentArgs, log: LogControl) -> Result<(), AgentError> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
 
+    let began = Instant::now();
     let cfg = args.dataplane();
-    info!(bpffs_root = %cfg.bpffs_root.display(), cgroup = %cfg.cgroup.display(), layout = cfg.layout, "starting data plane");
-    let (dp, report) = blocking(move || Dataplane::start(cfg)).await??;
-    let kind = restart_kind_name(report.kind);
-    info!(
-        kind,
-        duration_us = report.duration.as_micros() as u64,
-        link_ids_unchanged = report.link_ids_unchanged,
-        "data plane serving"
-    );
-    let dataplane = Arc::new(Mutex::new(Some(dp)));
+    let metrics = Metrics::new();
+    let mut kube = match args.kubernetes {
+        true => Some(KubeNode::connect(&args, &metrics, began).await?),
+        false => None,
+    };
+    // With --kubernetes, nothing is loaded before the NodeEnrollment says so, but pinned state
+    // is adopted at once so an agent restart leaves no gap.
+    let start_now =
+        kube.is_none() || !matches!(dataplane::preflight(&cfg), Ok(StartupDecision::Fresh));
+    let (dp, report) = if start_now {
+        info!(bpffs_root = %cfg.bpffs_root.display(), cgroup = %cfg.cgroup.display(), layout = cfg.layout, "starting data plane");
+        let (dp, report) = blocking(move || Dataplane::start(cfg)).await??;
+        info!(
+            kind = restart_kind_name(report.kind),
+            duration_us = report.duration.as_micros() as u64,
+            link_ids_unchanged = report.link_ids_unchanged,
+            "data plane serving"
+        );
+        Metrics::inc(&metrics.restarts, restart_kind_name(report.kind));
+        metrics.start_duration.set(report.duration.as_secs_f64());
+        if let Some(k) = kube.as_mut() {
+            k.started(report.clone());
+        }
+        (Some(dp), report)
+    } else {
+        info!(node = %args.node_name, "nothing pinned: the data plane is loaded once this node's NodeEnrollment exists");
+        let idle = StartReport {
+            kind: RestartKind::Fresh,
+            duration: Duration::ZERO,
+            link_ids_unchanged: true,
+        };
+        (None, idle)
+    };
+    let dataplane = Arc::new(Mutex::new(dp));
     let observed = {
         let dp = dataplane.clone();
         blocking(move || {
@@ -313,9 +406,6 @@ pub async fn run(args: AgentArgs, log: LogControl) -> Result<(), AgentError> {
     );
 
     let (reset_tx, mut reset_rx) = mpsc::channel(1);
-    let metrics = Metrics::new();
-    Metrics::inc(&metrics.restarts, kind);
-    metrics.start_duration.set(report.duration.as_secs_f64());
     let ctx = Arc::new(Context {
         args: args.clone(),
         dataplane,
@@ -348,13 +438,25 @@ pub async fn run(args: AgentArgs, log: LogControl) -> Result<(), AgentError> {
         let poll = Duration::from_millis(args.standalone_poll_ms.max(10));
         sources.push(Box::new(StandaloneSource::new(path.clone(), poll, limits)));
     }
+    if let Some(k) = &kube {
+        let debounce = Duration::from_millis(args.kube_debounce_ms);
+        sources.push(Box::new(k.source(&ctx.metrics, debounce)));
+    }
     if sources.is_empty() {
         warn!("no source configured (--standalone): keeping the maps as they are");
         ctx.with_status(|s| s.ready = true);
         ctx.metrics.ready.set(1);
     }
     let mut index = Index::new(sources.iter().map(|s| s.name()), observed);
-    let tasks: Vec<_> = sources.into_iter().map(|s| s.spawn(tx.clone())).collect();
+    let mut tasks: Vec<_> = sources.into_iter().map(|s| s.spawn(tx.clone())).collect();
+    // IPsec from the standalone file's `ipsec:` section; without one it touches nothing.
+    if let Some(path) = &args.standalone {
+        let poll = Duration::from_millis(args.standalone_poll_ms.max(10));
+        tasks.push(tokio::spawn(crate::ipsec::runner::run_standalone(
+            path.clone(),
+            poll,
+        )));
+    }
     drop(tx);
 
     let mut reset_reply = None;
@@ -362,16 +464,29 @@ pub async fn run(args: AgentArgs, log: LogControl) -> Result<(), AgentError> {
     let mut retry: Option<(tokio::time::Instant, Duration)> = None;
     loop {
         let retry_at = retry.map(|(at, _)| at);
+        let kube_retry_at = kube.as_ref().and_then(KubeNode::retry_at);
         tokio::select! {
             _ = async { if let Some(at) = retry_at { tokio::time::sleep_until(at).await } }, if retry_at.is_some() => {
                 let backoff = retry.map(|(_, d)| d).unwrap_or(Duration::from_millis(200));
                 retry = None;
-                if let Some(desired) = index.desired()
-                    && !sync(&ctx, &mut index, desired).await?
-                {
-                    let next = (backoff * 2).min(Duration::from_secs(10));
-                    retry = Some((tokio::time::Instant::now() + next, next));
+                if let Some(desired) = index.desired() {
+                    let ok = sync(&ctx, &mut index, desired).await?;
+                    if let Some(k) = kube.as_mut() {
+                        k.after_sync(&ctx, ok).await;
+                    }
+                    if !ok {
+                        let next = (backoff * 2).min(Duration::from_secs(10));
+                        retry = Some((tokio::time::Instant::now() + next, next));
+                    }
                 }
+            }
+            Some(ne) = async { match kube.as_mut() { Some(k) => k.recv().await, None => None } }, if kube.is_some() => {
+                let next = match kube.as_mut() { Some(k) => k.on_enrollment(&ctx, &mut index, ne).await, None => Next::Nothing };
+                retry = kube_sync(&ctx, &mut index, kube.as_mut(), next).await?.or(retry);
+            }
+            _ = async { if let Some(at) = kube_retry_at { tokio::time::sleep_until(at).await } }, if kube_retry_at.is_some() => {
+                let next = match kube.as_mut() { Some(k) => k.retry(&ctx, &mut index).await, None => Next::Nothing };
+                retry = kube_sync(&ctx, &mut index, kube.as_mut(), next).await?.or(retry);
             }
             _ = sigterm.recv() => { info!("SIGTERM: exiting, data plane stays attached"); break; }
             _ = sigint.recv() => { info!("SIGINT: exiting, data plane stays attached"); break; }
@@ -383,10 +498,17 @@ pub async fn run(args: AgentArgs, log: LogControl) -> Result<(), AgentError> {
                     Change::Refused(msg) => {
                         error!(source, error = %msg, "source refused; the data plane keeps its last good state");
                         Metrics::inc(&ctx.metrics.syncs, "refused");
-                        ctx.with_status(|s| s.last_error = Some(msg));
+                        ctx.with_status(|s| s.last_error = Some(msg.clone()));
+                        if let Some(k) = kube.as_mut() {
+                            k.source_refused(&ctx, msg).await;
+                        }
                     }
                     Change::Apply(desired) => {
-                        retry = if sync(&ctx, &mut index, desired).await? {
+                        let ok = sync(&ctx, &mut index, desired).await?;
+                        if let Some(k) = kube.as_mut() {
+                            k.after_sync(&ctx, ok).await;
+                        }
+                        retry = if ok {
                             None
                         } else {
                             let first = Duration::from_millis(200);
@@ -423,7 +545,29 @@ pub async fn run(args: AgentArgs, log: LogControl) -> Result<(), AgentError> {
     if let Some(h) = http {
         let _ = h.await;
     }
+    let traces = ctx.clone();
+    let _ = blocking(move || traces.log.shutdown_traces()).await;
     outcome
+}
+
+/// After a Kubernetes enrollment change that (re)loaded the data plane, apply the desired state;
+/// returns the retry to schedule when that apply failed.
+async fn kube_sync(
+    ctx: &Arc<Context>,
+    index: &mut Index,
+    kube: Option<&mut KubeNode>,
+    next: Next,
+) -> Result<Option<(tokio::time::Instant, Duration)>, AgentError> {
+    let (Next::Sync, Some(k), Some(desired)) = (next, kube, index.desired()) else {
+        return Ok(None);
+    };
+    let ok = sync(ctx, index, desired).await?;
+    k.after_sync(ctx, ok).await;
+    if ok {
+        return Ok(None);
+    }
+    let first = Duration::from_millis(200);
+    Ok(Some((tokio::time::Instant::now() + first, first)))
 }
 
 async fn wait_stop(mut rx: tokio::sync::watch::Receiver<bool>) {
@@ -434,7 +578,9 @@ async fn wait_stop(mut rx: tokio::sync::watch::Receiver<bool>) {
     }
 }
 
-/// Apply `desired`; `Ok(false)` when the apply failed and should be retried.
+/// Apply `desired`; `Ok(false)` when the apply failed and should be retried. One trace span
+/// per call.
+#[tracing::instrument(name = "sync", skip_all, fields(services = desired.services.len()))]
 async fn sync(
     ctx: &Arc<Context>,
     index: &mut Index,

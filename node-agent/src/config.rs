@@ -2,7 +2,7 @@
 //!
 //! ```text
 //!  argv ─► clap (Cli) ─► AgentConfig ─┬─► DataplaneConfig (loader)
-//!                                     ├─► standalone source path
+//!                                     ├─► sources (standalone file path, --kubernetes)
 //!                                     └─► admin socket / metrics address
 //! ```
 
@@ -38,6 +38,8 @@ pub enum Command {
     Preflight,
     /// Detach every program and unpin every map and link (tears the data plane down).
     Reset,
+    /// Run only IPsec from the `ipsec:` section of the --standalone file (no eBPF data plane).
+    Ipsec,
 }
 
 /// Flags of the agent.
@@ -111,8 +113,24 @@ pub struct AgentArgs {
     #[arg(long, env = "MESHLET_LOG_LEVEL", default_value = "info", global = true)]
     pub log_level: String,
     /// Log as JSON lines instead of text.
-    #[arg(long, global = true)]
+    #[arg(long, env = "MESHLET_LOG_JSON", global = true)]
     pub log_json: bool,
+    /// Kubernetes source: watch this node's NodeEnrollment, Services and EndpointSlices (kube
+    /// client from `KUBECONFIG` or in-cluster) and write the NodeEnrollment status. The data
+    /// plane is loaded only once the NodeEnrollment exists and is not draining; pinned state is
+    /// adopted at once.
+    #[arg(long, env = "MESHLET_KUBERNETES", global = true)]
+    pub kubernetes: bool,
+    /// Version this agent reports in `NodeEnrollment.status.agentVersion`.
+    #[arg(long, env = "MESHLET_AGENT_VERSION", default_value = env!("CARGO_PKG_VERSION"), global = true)]
+    pub agent_version: String,
+    /// OTLP/gRPC endpoint (e.g. `http://collector:4317`) receiving one trace span per sync;
+    /// no traces when absent.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", global = true)]
+    pub otlp_endpoint: Option<String>,
+    /// Kubernetes source: events within this many milliseconds are folded into one snapshot.
+    #[arg(long, default_value_t = 50, global = true)]
+    pub kube_debounce_ms: u64,
 }
 
 impl AgentArgs {
@@ -153,6 +171,17 @@ mod tests {
             .expect("parse");
         assert_eq!(cli.command, Some(Command::Preflight));
         assert_eq!(cli.agent.dataplane_layout, 1);
+    }
+
+    #[test]
+    fn kubernetes_mode_reports_the_crate_version_unless_told_otherwise() {
+        let cli = Cli::try_parse_from(["meshlet-agent", "run", "--kubernetes"]).expect("parse");
+        assert!(cli.agent.kubernetes);
+        assert_eq!(cli.agent.agent_version, env!("CARGO_PKG_VERSION"));
+        let cli =
+            Cli::try_parse_from(["meshlet-agent", "--agent-version", "1.2.3"]).expect("parse");
+        assert!(!cli.agent.kubernetes);
+        assert_eq!(cli.agent.agent_version, "1.2.3");
     }
 
     #[test]

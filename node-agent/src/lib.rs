@@ -5,7 +5,8 @@
 //!  config (flags) ─► agent (run loop) ─► dataplane (kernel)
 //!  source/* ─► index ─┘      │
 //!                            ├─► admin (gRPC on a unix socket, meshletctl)
-//!                            └─► metrics (/healthz /readyz /metrics)
+//!                            ├─► metrics (/healthz /readyz /metrics)
+//!                            └─► status (NodeEnrollment.status, --kubernetes)
 //! ```
 
 pub mod admin;
@@ -13,6 +14,8 @@ pub mod agent;
 pub mod config;
 pub mod dataplane;
 pub mod index;
+pub mod ipsec;
 pub mod metrics;
 pub mod model;
 pub mod source;
+pub mod status;

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Meshlet on one machine, no cluster: the node agent in standalone mode balancing two service
-# VIPs over loopback backends, then restarted, killed with SIGKILL, upgraded (map layout 1 -> 2)
-# and rolled back while clients keep connecting. Prints the connection count and the failures.
+# hack/demo.sh — Meshlet on the local multi-node TEST cluster: an in-memory API test server and 3
+# simulated nodes running real agents (hack/local-cluster), Meshlet installed from manifests/
+# with kubectl (the operator runs as a Deployment pod under its RBAC), a Service with an
+# EndpointSlice reached through its VIP from every node, then an upgrade rollout v1 -> v2 (map
+# layout migration, maxUnavailable 1) while clients connect on every node. Prints what
+# `kubectl get meshconfig,nodeenrollments` shows and the failed-connection count.
 #
 # Needs root (eBPF, cgroups). Installs what it needs with hack/setup.sh (skip with
-# MESHLET_DEMO_SKIP_SETUP=1) and builds with cargo. Everything it creates (cgroup, bpffs
-# directory, processes, temp files) is removed on exit, even on failure.
+# MESHLET_DEMO_SKIP_SETUP=1) and builds with cargo (debug; skip with MESHLET_DEMO_SKIP_BUILD=1). The cluster is stopped and
+# everything it created removed on exit, even on failure. The single-node demo without a
+# cluster is hack/demo-standalone.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,135 +22,166 @@ if [ "${MESHLET_DEMO_SKIP_SETUP:-0}" != 1 ]; then
 fi
 say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 
-say "building meshlet-agent and meshletctl"
-cargo build -p meshlet-agent --bins
-BIN="${CARGO_TARGET_DIR:-target}/debug"
-AGENT="$PWD/$BIN/meshlet-agent"; CTL="$PWD/$BIN/meshletctl"
-[ -x "$AGENT" ] || { AGENT="$BIN/meshlet-agent"; CTL="$BIN/meshletctl"; }
-
-NAME="meshlet-demo-$$"
-CG="/sys/fs/cgroup/unified/$NAME"
-ROOT="/sys/fs/bpf/$NAME"
+VIP=10.96.0.10
+BACKENDS=18081,18082
 WORK="$(mktemp -d)"
-METRICS="127.0.0.1:${MESHLET_DEMO_METRICS_PORT:-19464}"
-AGENT_PID=""; BACKENDS_PID=""; CLIENT_PID=""
-FLAGS=(--bpffs-root "$ROOT" --cgroup "$CG" --lock-file "$WORK/agent.lock"
-       --admin-socket "$WORK/agent.sock" --standalone "$WORK/services.yaml"
-       --metrics-addr "$METRICS")
-ctl() { "$CTL" --socket "$WORK/agent.sock" --bpffs-root "$ROOT" --cgroup "$CG" --lock-file "$WORK/agent.lock" "$@"; }
+DIR="$WORK/cluster"
+KUBECTL="$PWD/.venv/bin/kubectl"
+[ -x "$KUBECTL" ] || KUBECTL=kubectl
+export KUBECONFIG="$DIR/kubeconfig"
+CLIENT_PIDS=()
 
 cleanup() {
   set +e
-  for pid in $CLIENT_PID $AGENT_PID $BACKENDS_PID; do kill "$pid" 2>/dev/null; done
+  touch "$WORK/stop"
+  for pid in "${CLIENT_PIDS[@]}"; do kill "$pid" 2>/dev/null; done
   wait 2>/dev/null
-  "$AGENT" reset "${FLAGS[@]}" >/dev/null 2>&1
-  if [ -d "$CG" ]; then echo 1 > "$CG/cgroup.kill" 2>/dev/null; sleep 0.2; rmdir "$CG" 2>/dev/null; fi
-  rm -rf "$ROOT" "$WORK"
+  hack/local-cluster down --dir "$DIR" >/dev/null 2>&1
+  rm -rf "$WORK"
 }
 trap cleanup EXIT
-mkdir -p "$CG"
-cp examples/standalone/services.yaml "$WORK/services.yaml"
 
-say "backends on 127.0.0.1:18081-18083 (each answers with its name)"
-cat > "$WORK/backends.py" <<'PY'
-import socket, threading, time
-for port in (18081, 18082, 18083):
-    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("127.0.0.1", port)); s.listen(4096)
-    def serve(s=s, port=port):
-        while True:
-            c, _ = s.accept()
-            try: c.sendall(b"backend-%d" % port)
-            finally: c.close()
-    threading.Thread(target=serve, daemon=True).start()
-while True: time.sleep(3600)
-PY
-python3 "$WORK/backends.py" & BACKENDS_PID=$!
+if [ "${MESHLET_DEMO_SKIP_BUILD:-0}" != 1 ]; then
+  say "building meshlet-local-cluster, meshlet-agent and meshlet-operator"
+  cargo build -p meshlet-local-cluster -p meshlet-agent -p meshlet-operator --bins
+fi
 
-# A client in the cgroup: N processes connecting to both VIPs until $WORK/stop exists.
-cat > "$WORK/client.py" <<'PY'
-import json, os, socket, sys
-procs, stop, count = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-targets = [("127.100.0.1", 80), ("127.100.0.2", 8080)]
-def run(w):
-    ok = fail = 0; seen = {}
-    i = 0
-    while (count and i < count) or (not count and not os.path.exists(stop)):
-        addr = targets[i % 2]; i += 1
-        try:
-            c = socket.create_connection(addr, timeout=3); data = c.recv(64).decode(); c.close()
-            if not data: raise OSError("empty reply")
-            ok += 1; seen[data] = seen.get(data, 0) + 1
-        except OSError:
-            fail += 1
-    os.write(w, json.dumps([ok, fail, seen]).encode()); os.close(w)
-pipes = []
-for _ in range(procs):
-    r, w = os.pipe()
-    if os.fork() == 0:
-        os.close(r); run(w); os._exit(0)
-    os.close(w); pipes.append(r)
-ok = fail = 0; seen = {}
-for r in pipes:
-    buf = b""
-    while True:
-        b = os.read(r, 65536)
-        if not b: break
-        buf += b
-    o, f, s = json.loads(buf); ok += o; fail += f
-    for k, v in s.items(): seen[k] = seen.get(k, 0) + v
-print(json.dumps({"connections": ok + fail, "ok": ok, "failed": fail, "by_backend": dict(sorted(seen.items()))}))
-PY
-in_cgroup() { sh -c 'echo $$ > "$0/cgroup.procs" && exec "$@"' "$CG" "$@"; }
+say "starting the local TEST cluster: API test server + 3 simulated nodes"
+hack/local-cluster up --nodes 3 --dir "$DIR" --no-build --id "demo-$$"
+# shellcheck disable=SC1091
+. "$DIR/cluster.env"
+"$KUBECTL" get nodes -o wide
 
-start_agent() { # layout
-  "$AGENT" run --dataplane-layout "$1" "${FLAGS[@]}" >>"$WORK/agent.log" 2>&1 & AGENT_PID=$!
-  for _ in $(seq 200); do
-    if ctl status --json 2>/dev/null | grep -q '"ready": true'; then
-      ctl status --json | python3 -c 'import json,sys; s=json.load(sys.stdin); print("   agent pid %d: layout %d, %s start-up in %.1f ms, link ids unchanged: %s" % (s["pid"], s["layout"], s["restart_kind"], s["start_duration_micros"]/1000, s["link_ids_unchanged"]))'
-      return
-    fi
-    sleep 0.05
+say "installing Meshlet: kubectl apply -k manifests/"
+"$KUBECTL" apply -k manifests/
+"$KUBECTL" -n meshlet-system rollout status deployment/meshlet-operator --timeout=120s 2>/dev/null \
+  || "$KUBECTL" -n meshlet-system wait --for=condition=Ready pod -l app.kubernetes.io/component=operator --timeout=120s
+
+meshconfig() {
+  cat <<EOF
+apiVersion: meshlet.io/v1alpha1
+kind: MeshConfig
+metadata:
+  name: default
+spec:
+  agent:
+    image: ghcr.io/meshlet-io/meshlet-agent
+    version: $1
+  dataplane:
+    maxServices: 64
+    maxEndpoints: 256
+  enrollment:
+    nodeSelector:
+      matchLabels:
+        kubernetes.io/os: linux
+  upgrade:
+    maxUnavailable: 1
+    canaryNodes: 1
+    minReadySeconds: 2
+    progressDeadlineSeconds: 120
+    autoRollback: true
+  telemetry:
+    metricsPort: 9090
+EOF
+}
+
+say "MeshConfig default at v1 (kubectl apply --server-side)"
+meshconfig v1 | "$KUBECTL" apply --server-side -f -
+for _ in $(seq 1 120); do
+  [ "$("$KUBECTL" get nodeenrollments -o name 2>/dev/null | wc -l)" -ge 3 ] && break
+  sleep 0.5
+done
+"$KUBECTL" wait --for=condition=Ready nodeenrollments --all --timeout=180s
+"$KUBECTL" wait --for=condition=Ready meshconfig/default --timeout=180s
+"$KUBECTL" get meshconfig,nodeenrollments
+
+say "a Service (ClusterIP $VIP:80) with endpoints 127.0.0.1:18081 and 127.0.0.1:18082"
+"$KUBECTL" apply --server-side -f - <<EOF
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  type: ClusterIP
+  clusterIP: $VIP
+  clusterIPs: ["$VIP"]
+  ports: [{name: http, port: 80, protocol: TCP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-0, namespace: default, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 18081, protocol: TCP}]
+endpoints: [{addresses: ["127.0.0.1"], conditions: {ready: true}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 18082, protocol: TCP}]
+endpoints: [{addresses: ["127.0.0.1"], conditions: {ready: true}}]
+EOF
+
+# Backends (answering with their port) and clients of the VIP, in a node's cgroup and in a
+# private network namespace (loopback only: nothing leaves the machine).
+cp node-agent/tests/agent_support/traffic.py "$WORK/traffic.py"
+on_node() {
+  local node=$1; shift
+  sh -c 'echo $$ > "$1/cgroup.procs" && shift && exec unshare -n sh -c "ip link set lo up && exec python3 \"\$@\"" sh "$@"' \
+    sh "$CGROUP_BASE/$node" "$WORK/traffic.py" --backends "$BACKENDS" --target "$VIP:80=$BACKENDS" "$@"
+}
+
+say "traffic through the VIP from every node (5 connections each)"
+for node in node-1 node-2 node-3; do
+  for _ in $(seq 1 60); do
+    out=$(on_node "$node" --clients 1 --count 5 --timeout 2)
+    case "$out" in *'"ok": 5'*) break ;; esac
+    sleep 0.5
   done
-  echo "agent did not become ready:"; tail -20 "$WORK/agent.log"; exit 1
+  printf '%s: %s\n' "$node" "$out"
+done
+
+say "clients connecting continuously on every node while the agents roll v1 -> v2"
+for node in node-1 node-2 node-3; do
+  on_node "$node" --clients 2 --until "$WORK/stop" --ready "$WORK/ready-$node" > "$WORK/report-$node" &
+  CLIENT_PIDS+=($!)
+done
+for node in node-1 node-2 node-3; do
+  for _ in $(seq 1 100); do [ -e "$WORK/ready-$node" ] && break; sleep 0.1; done
+done
+meshconfig v2 | "$KUBECTL" apply --server-side -f -
+status() {
+  "$KUBECTL" get meshconfig default -o jsonpath='{.status.rollout.phase} updated={.status.updatedNodes}/{.status.selectedNodes} inFlight={.status.rollout.nodesInFlight}{"\n"}' 2>/dev/null || true
 }
-stop_agent() { # signal
-  kill -"$1" "$AGENT_PID"; wait "$AGENT_PID" 2>/dev/null || true; AGENT_PID=""
-}
+last=""
+for _ in $(seq 1 600); do
+  now=$(status)
+  if [ "$now" != "$last" ]; then printf '  rollout: %s\n' "$now"; last=$now; fi
+  if "$KUBECTL" wait --for=condition=Ready meshconfig/default --timeout=1s >/dev/null 2>&1 \
+     && [ "$("$KUBECTL" get meshconfig default -o jsonpath='{.status.updatedNodes}')" = 3 ] \
+     && [ "$("$KUBECTL" get meshconfig default -o jsonpath='{.status.rollout.targetVersion}')" = v2 ]; then
+    break
+  fi
+  sleep 0.3
+done
+"$KUBECTL" wait --for=condition=Ready meshconfig/default --timeout=120s
+touch "$WORK/stop"
+wait "${CLIENT_PIDS[@]}"
+CLIENT_PIDS=()
 
-say "starting the agent (the 'old release': map layout 1)"
-start_agent 1
-ctl status
-ctl maps --entries
-
-say "six connections from a client in the cgroup"
-in_cgroup python3 "$WORK/client.py" 1 "$WORK/none" 6
-
-say "metrics (excerpt)"
-python3 - "$METRICS" <<'PY' || true
-import sys, urllib.request
-body = urllib.request.urlopen("http://%s/metrics" % sys.argv[1], timeout=3).read().decode()
-for line in body.splitlines():
-    if line.startswith(("meshlet_agent_map_entries", "meshlet_agent_restarts", "meshlet_agent_dataplane_events", "meshlet_agent_ready")):
-        print("   " + line)
-PY
-
-say "4 client processes connect continuously while the agent is disrupted"
-in_cgroup python3 "$WORK/client.py" 4 "$WORK/stop" 0 > "$WORK/client.json" & CLIENT_PID=$!
-sleep 0.5
-for i in 1 2 3; do echo " - restart (SIGTERM) $i"; stop_agent TERM; start_agent 1; done
-for i in 1 2 3; do echo " - kill -9 $i"; sleep 0.$((RANDOM % 3)); stop_agent KILL; start_agent 1; done
-echo " - upgrade: layout 1 -> 2"; stop_agent TERM; start_agent 2
-echo " - roll back: layout 2 -> 1"; stop_agent TERM; start_agent 1
-echo " - upgrade again: layout 1 -> 2"; stop_agent TERM; start_agent 2
-echo " - change the source: api gets a second backend"
-sed -i 's/        port: 18083/        port: 18083\n      - address: 127.0.0.1\n        port: 18081/' "$WORK/services.yaml"
-sleep 1
-touch "$WORK/stop"; wait "$CLIENT_PID"; CLIENT_PID=""
+say "kubectl get meshconfig,nodeenrollments"
+"$KUBECTL" get meshconfig,nodeenrollments -o wide
+"$KUBECTL" get nodeenrollments -o custom-columns='NODE:.metadata.name,AGENT:.status.agentVersion,BACKEND MAP LAYOUT:.status.maps[?(@.name=="backend")].layoutVersion,LINKS STABLE:.status.continuity.linkIdsStable'
 
 say "result"
-python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print("   connections: %d   failed: %d   by backend: %s" % (r["connections"], r["failed"], r["by_backend"]))' "$WORK/client.json"
-ctl maps
-say "tearing down (meshletctl reset)"
-ctl reset
-AGENT_PID=""
+python3 - "$WORK" <<'PY'
+import json, sys
+ok = fail = 0
+for node in ("node-1", "node-2", "node-3"):
+    r = json.load(open(f"{sys.argv[1]}/report-{node}"))
+    ok += r["ok"]; fail += r["fail"] + r["wrong"]
+    print(f"{node}: {r['ok']} connections, {r['fail']} failed, {r['wrong']} to a wrong backend")
+print(f"total: {ok} connections during the rollout, failed connections: {fail}")
+sys.exit(1 if fail or not ok else 0)
+PY
+
+say "stopping the cluster (hack/local-cluster down)"

@@ -5,7 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(clang llvm libbpf-dev protobuf-compiler libprotobuf-dev iproute2 iptables
-              python3-venv ca-certificates)
+              python3-venv ca-certificates
+              # IPsec VM test (hack/vm/run.sh): emulator, initramfs tools, capture
+              qemu-system-x86 busybox-static tcpdump cpio kmod)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

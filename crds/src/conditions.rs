@@ -24,6 +24,9 @@ pub const DATAPLANE_READY: &str = "DataplaneReady";
 pub const UPGRADING: &str = "Upgrading";
 /// `IPsecPolicy`: a key rotation is in progress.
 pub const ROTATING: &str = "Rotating";
+/// `NodeEnrollment`: the node holds the SAs its IPsec policy asks for (False names why not:
+/// `AlgorithmUnavailable`, `KeyUnavailable`, `XfrmFailed`, `PolicyConflict`, …).
+pub const IPSEC_READY: &str = "IPsecReady";
 
 /// Status of a condition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

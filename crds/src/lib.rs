@@ -11,6 +11,7 @@
 //! ```
 
 pub mod conditions;
+pub mod ipsec;
 pub mod names;
 pub mod v1alpha1;
 #[cfg(feature = "validation")]

@@ -26,3 +26,6 @@ pub const DATAPLANE_FINALIZER: &str = "meshlet.io/dataplane";
 pub const OPERATOR_FIELD_MANAGER: &str = "meshlet-operator";
 /// Field manager of the node agent (the only writer of `NodeEnrollment.status`).
 pub const AGENT_FIELD_MANAGER: &str = "meshlet-agent";
+/// Annotation on an `IPsecPolicy` asking for a key rotation now: any new value (by convention
+/// an RFC 3339 time, as `meshletctl ipsec rotate` writes) starts one rotation.
+pub const ROTATE_ANNOTATION: &str = "meshlet.io/rotate";

@@ -133,9 +133,16 @@ pub struct IPsecPolicyStatus {
     /// SPI of the key every node sends with.
     #[serde(default, rename = "activeSPI", skip_serializing_if = "Option::is_none")]
     pub active_spi: Option<i64>,
+    /// The other SPI of a rotation in progress: the one being installed (`Installing`), or the
+    /// one being left and retired (`Switching`, `Retiring`). Absent when `Stable`.
+    #[serde(default, rename = "pendingSPI", skip_serializing_if = "Option::is_none")]
+    pub pending_spi: Option<i64>,
     /// Rotation phase.
     #[serde(default)]
     pub phase: RotationPhase,
+    /// The last value of the `meshlet.io/rotate` annotation a rotation was started for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_rotate_request: Option<String>,
     /// Acknowledgements collected for the current phase.
     #[serde(default)]
     pub acks: IPsecAcks,

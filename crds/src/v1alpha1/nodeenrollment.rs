@@ -191,6 +191,12 @@ pub struct IPsecNodeStatus {
     /// SPI used for outbound traffic (the acknowledgement of the Switching phase).
     #[serde(default, rename = "activeSPI", skip_serializing_if = "Option::is_none")]
     pub active_spi: Option<i64>,
+    /// The `IPsecPolicy` whose keys these are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    /// Peer nodes with SAs installed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peers: Option<i64>,
 }
 
 impl NodeEnrollment {

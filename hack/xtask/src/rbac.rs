@@ -196,6 +196,12 @@ pub const AGENT_CLUSTER_RULES: &[Rule] = &[
     },
     Rule {
         group: "",
+        resources: &["nodes"],
+        verbs: READ,
+        reason: "learn peer node addresses and labels for IPsec",
+    },
+    Rule {
+        group: "",
         resources: &["services"],
         verbs: READ,
         reason: "program service frontends",
@@ -215,7 +221,7 @@ pub fn agent_key_secret_rules(secret_name: &str) -> Vec<PolicyRule> {
         api_groups: Some(vec![String::new()]),
         resources: Some(vec!["secrets".to_owned()]),
         resource_names: Some(vec![secret_name.to_owned()]),
-        verbs: vec!["get".to_owned(), "watch".to_owned()],
+        verbs: vec!["get".to_owned(), "list".to_owned(), "watch".to_owned()],
         non_resource_urls: None,
     }]
 }

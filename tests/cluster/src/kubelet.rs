@@ -18,7 +18,8 @@
 //! then the node-local overrides (`MESHLET_BPFFS_ROOT`, `MESHLET_CGROUP`,
 //! `MESHLET_ADMIN_SOCKET`, `MESHLET_LOCK_FILE`, `MESHLET_METRICS_ADDR` when the container
 //! declares a port or probe, `KUBECONFIG` of the Pod's ServiceAccount, `POD_NAME`,
-//! `POD_NAMESPACE`), then the image table's env.
+//! `POD_NAMESPACE`), then the image table's env, then the node's extra env
+//! (`ClusterOptions::node_env`, `LocalCluster::set_node_env`; e.g. the xfrm recording hook).
 //!
 //! Simplifications: probes run at most every 2 s (initial delay capped at 5 s); liveness and
 //! startup probes, volumes, resources and security contexts are ignored; `env` from Secrets or
@@ -414,6 +415,7 @@ impl PodCtx {
             self.pod.metadata.namespace.clone().unwrap_or_default(),
         );
         env.extend(image.env.clone());
+        env.extend(self.shared.node_env(&n.name));
         Launch0 {
             argv,
             env,

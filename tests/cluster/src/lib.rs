@@ -18,7 +18,9 @@
 //!             │ images::ImageTable (image → program)
 //!             ▼
 //!          process::spawn ──► real process in <cgroup_base>/<node>, env MESHLET_BPFFS_ROOT=
-//!                             <bpffs_base>/<node>, logs in <run_dir>/<node>/
+//!                             <bpffs_base>/<node> (+ the node's extra env), logs in
+//!                             <run_dir>/<node>/; with xfrm recording the agent's "kernel"
+//!                             xfrm state is <run_dir>/<node>/xfrm.json ──► xfrm::read
 //! ```
 //!
 //! Use [`LocalCluster::start`] from tests, or the `meshlet-local-cluster` binary
@@ -28,6 +30,7 @@ pub mod controllers;
 pub mod images;
 pub mod kubelet;
 pub mod process;
+pub mod xfrm;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
@@ -132,6 +135,14 @@ pub struct ClusterOptions {
     pub bpffs_base: Option<PathBuf>,
     /// TCP port of the API server on 127.0.0.1 (0: any free port).
     pub api_port: u16,
+    /// Extra environment of every container on every node, including nodes added later
+    /// (it wins over the container env, the node-local overrides and the image env).
+    /// Per-node changes: [`LocalCluster::set_node_env`].
+    pub node_env: BTreeMap<String, String>,
+    /// Give every node's containers `MESHLET_IPSEC_XFRM=recording:<run_dir>/xfrm.json`: the
+    /// agent keeps its xfrm states and policies in that file instead of the kernel (for hosts
+    /// without ESP); it survives agent restarts on that node and [`xfrm::read`] reads it.
+    pub xfrm_recording: bool,
 }
 
 impl Default for ClusterOptions {
@@ -145,6 +156,8 @@ impl Default for ClusterOptions {
             cgroup_base: None,
             bpffs_base: None,
             api_port: 0,
+            node_env: BTreeMap::new(),
+            xfrm_recording: false,
         }
     }
 }
@@ -164,6 +177,14 @@ pub struct SimNode {
     pub address: Ipv4Addr,
 }
 
+impl SimNode {
+    /// Where this node's agent keeps its recorded xfrm state when the cluster runs with
+    /// [`ClusterOptions::xfrm_recording`]: `<run_dir>/xfrm.json`.
+    pub fn xfrm_path(&self) -> PathBuf {
+        self.run_dir.join(xfrm::FILE_NAME)
+    }
+}
+
 /// State shared by the controllers and the kubelet.
 pub(crate) struct Shared {
     pub(crate) client: kube::Client,
@@ -171,6 +192,8 @@ pub(crate) struct Shared {
     pub(crate) nodes: RwLock<BTreeMap<String, SimNode>>,
     pub(crate) images: ImageTable,
     pub(crate) pods: Mutex<HashMap<String, kubelet::PodHandle>>,
+    /// Extra environment of the containers on each node, by node name.
+    pub(crate) node_env: RwLock<BTreeMap<String, BTreeMap<String, String>>>,
     /// Signalled whenever a pod worker starts, stops or finishes.
     pub(crate) pods_changed: Notify,
     pub(crate) stop: watch::Sender<bool>,
@@ -179,6 +202,14 @@ pub(crate) struct Shared {
 impl Shared {
     pub(crate) fn node(&self, name: &str) -> Option<SimNode> {
         self.nodes.read().ok()?.get(name).cloned()
+    }
+    /// The extra environment of containers on `name` (empty for an unknown node).
+    pub(crate) fn node_env(&self, name: &str) -> BTreeMap<String, String> {
+        self.node_env
+            .read()
+            .ok()
+            .and_then(|e| e.get(name).cloned())
+            .unwrap_or_default()
     }
     pub(crate) fn node_names(&self) -> Vec<String> {
         self.nodes
@@ -199,6 +230,8 @@ pub struct LocalCluster {
     tasks: Vec<JoinHandle<()>>,
     next_node: usize,
     node_labels: BTreeMap<String, String>,
+    node_env: BTreeMap<String, String>,
+    xfrm_recording: bool,
     cleaned: bool,
 }
 
@@ -252,6 +285,7 @@ impl LocalCluster {
             nodes: RwLock::new(BTreeMap::new()),
             images: opts.images.clone(),
             pods: Mutex::new(HashMap::new()),
+            node_env: RwLock::new(BTreeMap::new()),
             pods_changed: Notify::new(),
             stop,
         });
@@ -264,6 +298,8 @@ impl LocalCluster {
             tasks: Vec::new(),
             next_node: 0,
             node_labels: opts.node_labels.clone(),
+            node_env: opts.node_env.clone(),
+            xfrm_recording: opts.xfrm_recording,
             cleaned: false,
         };
         for _ in 0..opts.nodes {
@@ -278,6 +314,16 @@ impl LocalCluster {
 
     /// Registers one more node (`node-<n+1>`) and returns its name.
     pub async fn add_node(&mut self) -> Result<String, ClusterError> {
+        self.add_node_with_env(BTreeMap::new()).await
+    }
+
+    /// Registers one more node whose containers get `env` on top of the cluster-wide
+    /// [`ClusterOptions::node_env`] from their very first start (e.g. an agent that refuses
+    /// an algorithm), and returns its name.
+    pub async fn add_node_with_env(
+        &mut self,
+        extra_env: BTreeMap<String, String>,
+    ) -> Result<String, ClusterError> {
         self.next_node += 1;
         let i = self.next_node;
         let name = format!("node-{i}");
@@ -329,10 +375,51 @@ impl LocalCluster {
         api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
             .await
             .map_err(reg)?;
+        let mut env = self.node_env.clone();
+        if self.xfrm_recording {
+            env.insert(
+                xfrm::XFRM_ENV.into(),
+                format!("recording:{}", node.xfrm_path().display()),
+            );
+        }
+        env.extend(extra_env);
+        if let Ok(mut all) = self.shared.node_env.write() {
+            all.entry(name.clone()).or_default().extend(env);
+        }
         if let Ok(mut nodes) = self.shared.nodes.write() {
             nodes.insert(name.clone(), node);
         }
         Ok(name)
+    }
+
+    /// Sets (`Some`) or removes (`None`) one extra environment variable of the containers
+    /// on `node`. It applies from the next start of a container there: delete the agent pod
+    /// or kill its container (e.g. [`LocalCluster::kill_container`]) to apply it now.
+    pub fn set_node_env(
+        &self,
+        node: &str,
+        name: &str,
+        value: Option<&str>,
+    ) -> Result<(), ClusterError> {
+        if self.shared.node(node).is_none() {
+            return Err(ClusterError::UnknownNode(node.into()));
+        }
+        if let Ok(mut all) = self.shared.node_env.write() {
+            let env = all.entry(node.to_string()).or_default();
+            match value {
+                Some(v) => env.insert(name.to_string(), v.to_string()),
+                None => env.remove(name),
+            };
+        }
+        Ok(())
+    }
+
+    /// The extra environment of the containers on `node` (see [`ClusterOptions::node_env`]).
+    pub fn node_env(&self, node: &str) -> Result<BTreeMap<String, String>, ClusterError> {
+        if self.shared.node(node).is_none() {
+            return Err(ClusterError::UnknownNode(node.into()));
+        }
+        Ok(self.shared.node_env(node))
     }
 
     /// Deletes a node: its Node object goes away, so its DaemonSet pods are deleted and

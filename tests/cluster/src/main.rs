@@ -52,6 +52,23 @@ struct UpArgs {
     /// Cluster name used in the cgroup and bpffs paths.
     #[arg(long, default_value = "default")]
     id: String,
+    /// Where the agents keep IPsec xfrm state: `recording` (default; a JSON file per node,
+    /// `DIR/node-i/xfrm.json`, because the host kernel has no ESP) or `kernel` (the running
+    /// kernel's xfrm, which needs CONFIG_INET_ESP).
+    #[arg(long, value_enum, default_value_t = XfrmMode::Recording)]
+    xfrm: XfrmMode,
+    /// Extra environment of every container on every node, `NAME=VALUE`; repeatable.
+    #[arg(long = "node-env")]
+    node_env: Vec<String>,
+}
+
+/// Where the agents of the local cluster keep IPsec xfrm state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum XfrmMode {
+    /// A JSON file per node (`MESHLET_IPSEC_XFRM=recording:DIR/node-i/xfrm.json`).
+    Recording,
+    /// The running kernel.
+    Kernel,
 }
 
 #[tokio::main]
@@ -84,6 +101,14 @@ async fn main() -> anyhow::Result<()> {
             .with_context(|| format!("--node-label must be KEY=VALUE, got {l:?}"))?;
         node_labels.insert(k.to_string(), v.to_string());
     }
+    let mut node_env = BTreeMap::new();
+    for e in &args.node_env {
+        let (k, v) = e
+            .split_once('=')
+            .filter(|(k, _)| !k.is_empty())
+            .with_context(|| format!("--node-env must be NAME=VALUE, got {e:?}"))?;
+        node_env.insert(k.to_string(), v.to_string());
+    }
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("failed to create --dir {}", args.dir.display()))?;
     let ready = args.dir.join("ready");
@@ -96,6 +121,8 @@ async fn main() -> anyhow::Result<()> {
         dir: Some(args.dir.clone()),
         cluster_id: Some(args.id.clone()),
         api_port: args.port,
+        node_env,
+        xfrm_recording: args.xfrm == XfrmMode::Recording,
         ..ClusterOptions::default()
     })
     .await?;
@@ -120,6 +147,15 @@ async fn main() -> anyhow::Result<()> {
             n.cgroup.display(),
             n.bpffs_root.display()
         );
+    }
+    match args.xfrm {
+        XfrmMode::Recording => println!(
+            "  IPsec: agents record xfrm state in {}/<node>/{} instead of the kernel \
+             (this host kernel has no ESP; --xfrm kernel to use the kernel)",
+            args.dir.display(),
+            meshlet_local_cluster::xfrm::FILE_NAME
+        ),
+        XfrmMode::Kernel => println!("  IPsec: agents use the running kernel's xfrm"),
     }
     for (image, cmd) in images.iter() {
         println!("  image {image} -> {}", cmd.program.display());

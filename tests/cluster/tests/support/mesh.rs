@@ -123,12 +123,24 @@ pub async fn apply(cluster: &LocalCluster, name: &str, yaml: &str) -> String {
 /// `manifests/` (`kubectl apply -k`), the MeshConfig at `version`, the Service applied, every
 /// NodeEnrollment Ready and the MeshConfig Ready (its first rollout complete).
 pub async fn install(nodes: usize, version: &str) -> LocalCluster {
+    install_with(
+        ClusterOptions {
+            nodes,
+            ..ClusterOptions::default()
+        },
+        version,
+    )
+    .await
+}
+
+/// [`install`] with more cluster options (`opts.images` is replaced by the default table).
+pub async fn install_with(opts: ClusterOptions, version: &str) -> LocalCluster {
     require_root();
     let bin = binaries();
+    let nodes = opts.nodes;
     let cluster = LocalCluster::start(ClusterOptions {
-        nodes,
         images: default_images(&bin),
-        ..ClusterOptions::default()
+        ..opts
     })
     .await
     .expect("start cluster");
@@ -235,7 +247,8 @@ pub fn binaries() -> PathBuf {
     dir
 }
 
-fn resource(kind: &str, plural: &str) -> ApiResource {
+/// The API resource of a meshlet.io/v1alpha1 kind.
+pub fn resource(kind: &str, plural: &str) -> ApiResource {
     ApiResource {
         group: "meshlet.io".into(),
         version: "v1alpha1".into(),

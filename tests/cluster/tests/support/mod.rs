@@ -1,6 +1,7 @@
 //! Shared helpers of the local-cluster tests: prerequisites, the real `kubectl`, polling.
 #![allow(dead_code)]
 
+pub mod ipsec;
 pub mod mesh;
 
 use std::future::Future;

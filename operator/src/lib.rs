@@ -8,6 +8,9 @@
 //!                                        │                 │
 //!                                        ▼                 ▼
 //!                               render (SSA bodies)   MeshConfig.status, Events, metrics
+//!                                  ipsec::controller::run ─► ipsec::decide (pure)
+//!                                        ▼
+//!                               key Secret + IPsecPolicy.status, Events, metrics
 //! ```
 //!
 //! `main.rs` only parses flags and starts these; tests run [`run`] in process.
@@ -98,6 +101,26 @@ pub enum RunError {
     ControllerStopped,
 }
 
+/// Aborts a spawned task when dropped (so aborting the parent stops it too).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The leader's controllers: MeshConfig/enrollment/rollout and the IPsec key manager, each on
+/// its own task; returns when either stops.
+async fn run_controllers(ctx: Arc<controller::Context>) {
+    let mut mesh = AbortOnDrop(tokio::spawn(controller::run(ctx.clone())));
+    let mut keys = AbortOnDrop(tokio::spawn(ipsec::controller::run(ctx)));
+    tokio::select! {
+        _ = &mut mesh.0 => tracing::error!("the MeshConfig controller stopped"),
+        _ = &mut keys.0 => tracing::error!("the IPsec key manager stopped"),
+    }
+}
+
 /// Runs leader election and, while leader, the controllers, until `shutdown` completes
 /// (then the lease is released) or leadership is lost.
 pub async fn run(
@@ -142,7 +165,7 @@ pub async fn run(
         shared.clone(),
         settings.loop_settings.clone(),
     ));
-    let mut task = tokio::spawn(controller::run(ctx));
+    let mut task = tokio::spawn(run_controllers(ctx));
     let mut last_renewal = Instant::now();
     // Stop before the lease could expire under us: two thirds of its duration.
     let renew_deadline = settings.lease_duration * 2 / 3;

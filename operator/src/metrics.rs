@@ -3,11 +3,15 @@
 //! ```text
 //!  controller loop ──► Metrics { reconciles, errors{reason}, duration, nodes{state},
 //!                                rollout progress, leader } ──► encode() ──► GET /metrics
+//!  IPsec key manager ──► ipsec_{rotations_started, rotations_completed, phase, acks} ──┘
 //! ```
 
-use std::sync::{
-    Mutex,
-    atomic::{AtomicU64, Ordering},
+use std::{
+    collections::BTreeSet,
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use prometheus_client::{
@@ -22,6 +26,9 @@ use prometheus_client::{
 };
 
 type Labels = Vec<(String, String)>;
+
+/// Rotation phases as `IPsecPolicy.status.phase` names them.
+const IPSEC_PHASES: [&str; 4] = ["Stable", "Installing", "Switching", "Retiring"];
 
 /// Every metric the operator exports.
 pub struct Metrics {
@@ -44,7 +51,19 @@ pub struct Metrics {
     pub leader: Gauge,
     /// Kubernetes writes (apply, delete, status) made by the controller.
     pub writes: Counter,
+    /// IPsec key rotations started, by policy and trigger.
+    pub ipsec_rotations_started: Family<Labels, Counter>,
+    /// IPsec key rotations completed (old key retired everywhere), by policy.
+    pub ipsec_rotations_completed: Family<Labels, Counter>,
+    /// 1 for the current rotation phase of each policy, 0 for the others.
+    pub ipsec_phase: Family<Labels, Gauge>,
+    /// Acknowledgements of each policy's current phase, by kind
+    /// (selected, installed, switched, retired).
+    pub ipsec_acks: Family<Labels, Gauge>,
+    /// Duration of one IPsec key manager pass in seconds.
+    pub ipsec_reconcile_seconds: Histogram,
     reconcile_count: AtomicU64,
+    ipsec_policies: Mutex<BTreeSet<String>>,
     encode_lock: Mutex<()>,
 }
 
@@ -67,6 +86,11 @@ impl Metrics {
         let rollout_in_flight = Gauge::default();
         let leader = Gauge::default();
         let writes = Counter::default();
+        let ipsec_rotations_started = Family::<Labels, Counter>::default();
+        let ipsec_rotations_completed = Family::<Labels, Counter>::default();
+        let ipsec_phase = Family::<Labels, Gauge>::default();
+        let ipsec_acks = Family::<Labels, Gauge>::default();
+        let ipsec_reconcile_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
         registry.register("reconciles", "Reconciles run", reconciles.clone());
         registry.register(
             "reconcile_errors",
@@ -108,6 +132,31 @@ impl Metrics {
             "Writes (apply, delete, status) sent to the API server",
             writes.clone(),
         );
+        registry.register(
+            "ipsec_rotations_started",
+            "IPsec key rotations started, by policy and trigger",
+            ipsec_rotations_started.clone(),
+        );
+        registry.register(
+            "ipsec_rotations_completed",
+            "IPsec key rotations completed, by policy",
+            ipsec_rotations_completed.clone(),
+        );
+        registry.register(
+            "ipsec_phase",
+            "1 for the current key rotation phase of each IPsec policy",
+            ipsec_phase.clone(),
+        );
+        registry.register(
+            "ipsec_acks",
+            "Node acknowledgements of each IPsec policy's current phase, by kind",
+            ipsec_acks.clone(),
+        );
+        registry.register(
+            "ipsec_reconcile_duration_seconds",
+            "Duration of one IPsec key manager pass",
+            ipsec_reconcile_seconds.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -119,7 +168,13 @@ impl Metrics {
             rollout_in_flight,
             leader,
             writes,
+            ipsec_rotations_started,
+            ipsec_rotations_completed,
+            ipsec_phase,
+            ipsec_acks,
+            ipsec_reconcile_seconds,
             reconcile_count: AtomicU64::new(0),
+            ipsec_policies: Mutex::new(BTreeSet::new()),
             encode_lock: Mutex::new(()),
         }
     }
@@ -143,6 +198,83 @@ impl Metrics {
         self.nodes
             .get_or_create(&vec![("state".to_owned(), state.to_owned())])
             .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Counts a started key rotation of `policy` caused by `trigger`.
+    pub fn ipsec_rotation_started(&self, policy: &str, trigger: &str) {
+        self.ipsec_rotations_started
+            .get_or_create(&vec![
+                ("policy".to_owned(), policy.to_owned()),
+                ("trigger".to_owned(), trigger.to_owned()),
+            ])
+            .inc();
+    }
+
+    /// Counts a completed key rotation of `policy`.
+    pub fn ipsec_rotation_completed(&self, policy: &str) {
+        self.ipsec_rotations_completed
+            .get_or_create(&vec![("policy".to_owned(), policy.to_owned())])
+            .inc();
+    }
+
+    /// Sets the phase and acknowledgement gauges of `policy`.
+    pub fn ipsec_set_policy(
+        &self,
+        policy: &str,
+        phase: &str,
+        acks: &meshlet_crds::v1alpha1::IPsecAcks,
+    ) {
+        for p in IPSEC_PHASES {
+            self.ipsec_phase
+                .get_or_create(&vec![
+                    ("policy".to_owned(), policy.to_owned()),
+                    ("phase".to_owned(), p.to_owned()),
+                ])
+                .set(i64::from(p == phase));
+        }
+        for (kind, n) in [
+            ("selected", acks.selected),
+            ("installed", acks.installed),
+            ("switched", acks.switched),
+            ("retired", acks.retired),
+        ] {
+            self.ipsec_acks
+                .get_or_create(&vec![
+                    ("policy".to_owned(), policy.to_owned()),
+                    ("kind".to_owned(), kind.to_owned()),
+                ])
+                .set(n);
+        }
+        if let Ok(mut known) = self.ipsec_policies.lock() {
+            known.insert(policy.to_owned());
+        }
+    }
+
+    /// Drops the gauges of policies not in `live` (deleted policies).
+    pub fn ipsec_retain_policies(&self, live: &[String]) {
+        let Ok(mut known) = self.ipsec_policies.lock() else {
+            return;
+        };
+        let gone: Vec<String> = known
+            .iter()
+            .filter(|p| !live.contains(p))
+            .cloned()
+            .collect();
+        for policy in gone {
+            for p in IPSEC_PHASES {
+                self.ipsec_phase.remove(&vec![
+                    ("policy".to_owned(), policy.clone()),
+                    ("phase".to_owned(), p.to_owned()),
+                ]);
+            }
+            for kind in ["selected", "installed", "switched", "retired"] {
+                self.ipsec_acks.remove(&vec![
+                    ("policy".to_owned(), policy.clone()),
+                    ("kind".to_owned(), kind.to_owned()),
+                ]);
+            }
+            known.remove(&policy);
+        }
     }
 
     /// Reconciles run so far.

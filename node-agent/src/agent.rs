@@ -457,6 +457,16 @@ pub async fn run(args: AgentArgs, log: LogControl) -> Result<(), AgentError> {
             poll,
         )));
     }
+    // IPsec from IPsecPolicies and the published key Secret; it reports through KubeNode.
+    let mut ipsec_rx = match &kube {
+        Some(k) => {
+            let debounce = Duration::from_millis(args.kube_debounce_ms);
+            let (rx, task) = k.ipsec_task(&ctx.metrics, debounce).spawn();
+            tasks.push(task);
+            Some(rx)
+        }
+        None => None,
+    };
     drop(tx);
 
     let mut reset_reply = None;
@@ -487,6 +497,11 @@ pub async fn run(args: AgentArgs, log: LogControl) -> Result<(), AgentError> {
             _ = async { if let Some(at) = kube_retry_at { tokio::time::sleep_until(at).await } }, if kube_retry_at.is_some() => {
                 let next = match kube.as_mut() { Some(k) => k.retry(&ctx, &mut index).await, None => Next::Nothing };
                 retry = kube_sync(&ctx, &mut index, kube.as_mut(), next).await?.or(retry);
+            }
+            Ok(report) = async { match ipsec_rx.as_mut() { Some(r) => r.changed().await.map(|()| r.borrow_and_update().clone()), None => std::future::pending().await } }, if ipsec_rx.is_some() => {
+                if let Some(k) = kube.as_mut() {
+                    k.on_ipsec(&ctx, report).await;
+                }
             }
             _ = sigterm.recv() => { info!("SIGTERM: exiting, data plane stays attached"); break; }
             _ = sigint.recv() => { info!("SIGINT: exiting, data plane stays attached"); break; }

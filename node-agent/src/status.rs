@@ -20,7 +20,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 use meshlet_crds::conditions::{
-    self, DATAPLANE_READY, ENROLLED, READY, RECONCILING, STALLED, Status,
+    self, DATAPLANE_READY, ENROLLED, IPSEC_READY, READY, RECONCILING, STALLED, Status,
 };
 use meshlet_crds::names::AGENT_FIELD_MANAGER;
 use meshlet_crds::v1alpha1::{
@@ -102,6 +102,9 @@ pub struct Observation {
     pub phase: Phase,
     /// Last problem of the source (invalid snapshot), if any.
     pub source_error: Option<String>,
+    /// Latest report of the IPsec task; `None` (no report yet) keeps `status.ipsec` and the
+    /// `IPsecReady` condition as they were.
+    pub ipsec: Option<crate::ipsec::kube::IpsecReport>,
 }
 
 /// The continuity record after a data-plane start-up (pure).
@@ -202,7 +205,10 @@ pub fn build(
             })
             .collect(),
         continuity: continuity.cloned().or_else(|| base.continuity.clone()),
-        ipsec: base.ipsec.clone(),
+        ipsec: match &obs.ipsec {
+            Some(r) => r.status.clone(),
+            None => base.ipsec.clone(),
+        },
     };
     let c = &mut st.conditions;
     let mut set = |t: &str, s: Status, reason: &str, msg: &str| {
@@ -254,6 +260,13 @@ pub fn build(
     match stalled {
         Some((reason, msg)) => set(STALLED, Status::True, reason, &msg),
         None => set(STALLED, Status::False, "Progressing", ""),
+    }
+    match obs.ipsec.as_ref().map(|r| &r.condition) {
+        Some(Some(ic)) => set(IPSEC_READY, ic.status, ic.reason, &ic.message),
+        Some(None) => {
+            conditions::remove_condition(c, IPSEC_READY);
+        }
+        None => {}
     }
     st
 }
@@ -430,6 +443,7 @@ mod tests {
             maps: vec![],
             phase: Phase::Drained,
             source_error: None,
+            ipsec: None,
         };
         let st = build(
             &NodeEnrollmentStatus::default(),

@@ -21,6 +21,7 @@ fn key(spi: u32) -> KeyGeneration {
         spi,
         psk: vec![spi as u8; 32],
         salt: b"salt".to_vec(),
+        algorithm: Algorithm::AesGcm,
     }
 }
 
@@ -29,7 +30,6 @@ fn cfg(n: u8, spis: &[u32], active: Option<u32>) -> IpsecConfig {
     IpsecConfig {
         node_name: "node-1".into(),
         local_address: ip(1),
-        algorithm: Algorithm::AesGcm,
         keys: spis.iter().map(|s| key(*s)).collect(),
         active_spi: active,
         peers: (2..=n)
@@ -237,8 +237,9 @@ fn an_algorithm_the_kernel_lacks_halts_the_rotation_and_rolls_back() {
             .expect("enable");
         let before = x.clone();
         x.missing = vec![Algorithm::ChaCha20Poly1305];
+        // An algorithm change is a rotation: generation 2 carries the new algorithm.
         let mut bad = cfg(4, &[1, 2], Some(1));
-        bad.algorithm = Algorithm::ChaCha20Poly1305;
+        bad.keys[1].algorithm = Algorithm::ChaCha20Poly1305;
         let err = reconcile_once(&mut x, Some(&bad))
             .await
             .expect_err("refused");
@@ -250,6 +251,85 @@ fn an_algorithm_the_kernel_lacks_halts_the_rotation_and_rolls_back() {
         );
         assert_eq!(x.states, before.states);
         assert_eq!(x.policies, before.policies);
+        match err {
+            meshlet_agent::ipsec::runner::PassError::Apply(ApplyError::RolledBack {
+                source, ..
+            }) => assert_eq!(
+                source.unavailable_algorithm(),
+                Some(Algorithm::ChaCha20Poly1305)
+            ),
+            other => panic!("unexpected {other}"),
+        }
+    });
+}
+
+#[test]
+fn generations_of_different_algorithms_coexist_during_a_rotation() {
+    rt().block_on(async {
+        let mut x = RecordingXfrm::new();
+        let mut c = cfg(3, &[1, 2], Some(1));
+        c.keys[1].algorithm = Algorithm::AesCbcHmacSha256;
+        reconcile_once(&mut x, Some(&c)).await.expect("both");
+        // Inbound for both generations from both peers, outbound on 1.
+        assert_eq!(x.states.len(), 2 * 2 + 2);
+        c.active_spi = Some(2);
+        reconcile_once(&mut x, Some(&c)).await.expect("switch");
+        assert!(x.policies.values().all(|p| p.0 == reqid_for(2)));
+        let calls_before = x.calls.len();
+        reconcile_once(&mut x, Some(&c)).await.expect("again");
+        assert_eq!(x.calls.len(), calls_before, "an unchanged config changes nothing");
+    });
+}
+
+#[test]
+fn a_changed_key_or_algorithm_of_an_installed_generation_replaces_its_sas() {
+    rt().block_on(async {
+        let mut x = RecordingXfrm::new();
+        let c = cfg(3, &[1, 2], Some(2));
+        reconcile_once(&mut x, Some(&c)).await.expect("enable");
+        let mut rekeyed = c.clone();
+        rekeyed.keys[1].psk = vec![0xee; 32];
+        x.calls.clear();
+        reconcile_once(&mut x, Some(&rekeyed)).await.expect("rekey");
+        // Generation 2: 2 inbound + 2 outbound SAs deleted and added again; generation 1 and
+        // the policies untouched.
+        let deleted: Vec<_> = x
+            .calls
+            .iter()
+            .filter_map(|c| match c {
+                XfrmCall::DeleteState(id) => Some(*id),
+                _ => None,
+            })
+            .collect();
+        let added: Vec<_> = x
+            .calls
+            .iter()
+            .filter_map(|c| match c {
+                XfrmCall::InstallState(id, r) => Some((*id, *r)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(deleted.len(), 4, "{:?}", x.calls);
+        assert_eq!(added.len(), 4, "{:?}", x.calls);
+        assert!(added.iter().all(|(_, r)| *r == reqid_for(2)));
+        assert!(
+            !x.calls.iter().any(|c| matches!(c, XfrmCall::InstallPolicy(_))),
+            "{:?}",
+            x.calls
+        );
+        let mut realg = rekeyed.clone();
+        realg.keys[0].algorithm = Algorithm::AesCbcHmacSha256;
+        x.calls.clear();
+        reconcile_once(&mut x, Some(&realg)).await.expect("algorithm");
+        assert_eq!(
+            x.calls
+                .iter()
+                .filter(|c| matches!(c, XfrmCall::InstallState(..)))
+                .count(),
+            2,
+            "only generation 1's inbound SAs: {:?}",
+            x.calls
+        );
     });
 }
 

@@ -41,7 +41,11 @@ fn a_valid_section_becomes_the_nodes_ipsec_configuration() {
         .expect("valid")
         .expect("section present");
     assert_eq!(cfg.node_name, "node-a");
-    assert_eq!(cfg.algorithm, Algorithm::AesCbcHmacSha256);
+    assert!(
+        cfg.keys
+            .iter()
+            .all(|k| k.algorithm == Algorithm::AesCbcHmacSha256)
+    );
     assert_eq!(cfg.active_spi, Some(2));
     assert_eq!(
         cfg.keys.iter().map(|k| k.spi).collect::<Vec<_>>(),

@@ -4,6 +4,7 @@
 //! ```text
 //!  meshletctl status|maps|preflight|log-level|reset ─► client::connect ─► agent (gRPC)
 //!                                       preflight|reset ─(no agent)─► dataplane::{preflight,reset}
+//!  meshletctl ipsec rotate|status ─► API server (admin::ipsec)
 //! ```
 
 use std::path::PathBuf;
@@ -84,6 +85,13 @@ pub enum CtlCommand {
     },
     /// Detach and unpin the whole data plane (asks the agent, which then stops).
     Reset,
+    /// IPsec through the API server (KUBECONFIG or in-cluster): request a key rotation, show
+    /// the nodes' IPsec status.
+    Ipsec {
+        /// What to do.
+        #[command(subcommand)]
+        command: super::ipsec::IpsecCommand,
+    },
 }
 
 fn print_json(v: &impl serde::Serialize) -> Result<(), String> {
@@ -111,8 +119,13 @@ async fn run(cli: CtlCli) -> Result<ExitCode, String> {
         max_endpoints: 0,
         lock_path: cli.lock_file.clone(),
     };
+    if let CtlCommand::Ipsec { command } = cli.command {
+        super::ipsec::run(command, cli.json).await?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let agent = client::connect(&cli.socket).await;
     match cli.command {
+        CtlCommand::Ipsec { .. } => {}
         CtlCommand::Status => {
             let mut c = agent.map_err(|e| e.to_string())?;
             let s = c

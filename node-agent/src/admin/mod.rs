@@ -10,6 +10,7 @@
 
 pub mod client;
 pub mod ctl;
+pub mod ipsec;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;

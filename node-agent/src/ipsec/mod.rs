@@ -2,12 +2,13 @@
 //! per node pair and key generation (SPI), rotation in acknowledged phases.
 //!
 //! ```text
-//!  standalone file `ipsec:` ─► IpsecConfig ─► reconcile::wanted (keys, wire SPIs, reqids)
-//!  (Kubernetes source, later)       │                         │
+//!  standalone file `ipsec:` ─┐
+//!  Kubernetes (kube.rs) ──────┴► IpsecConfig ─► reconcile::wanted (keys, wire SPIs, reqids)
+//!                                   │                         │
 //!                                   │        Xfrm::list_own ──┴─► reconcile::plan (pure diff)
 //!                                   │                                    │
-//!                                   └──────► status ◄── reconcile::apply (Xfrm: netlink or
-//!                                                        in-memory recording)
+//!                                   └──────► status ◄── reconcile::apply (Xfrm: netlink, or
+//!                                                        the file-backed recording test hook)
 //! ```
 //!
 //! Rotation (DESIGN §5): a new generation is first listed in `spis` (inbound SAs installed on
@@ -16,7 +17,9 @@
 //! writes is marked as its own (reqid range [`REQID_BASE`], policy priority
 //! [`POLICY_PRIORITY`]); start-up adopts what is there, and removal deletes exactly those.
 
+pub mod backend;
 pub mod keys;
+pub mod kube;
 pub mod netlink;
 pub mod reconcile;
 pub mod runner;
@@ -110,6 +113,9 @@ pub struct KeyGeneration {
     pub psk: Vec<u8>,
     /// HKDF salt (may be empty).
     pub salt: Vec<u8>,
+    /// ESP algorithm of this generation's SAs. A change of algorithm is a rotation: a new
+    /// generation with the new algorithm installed next to the old one.
+    pub algorithm: Algorithm,
 }
 
 impl fmt::Debug for KeyGeneration {
@@ -118,6 +124,7 @@ impl fmt::Debug for KeyGeneration {
             .field("spi", &self.spi)
             .field("psk", &"<redacted>")
             .field("salt_len", &self.salt.len())
+            .field("algorithm", &self.algorithm)
             .finish()
     }
 }
@@ -138,8 +145,6 @@ pub struct IpsecConfig {
     pub node_name: String,
     /// This node's address.
     pub local_address: IpAddr,
-    /// ESP algorithm of every SA.
-    pub algorithm: Algorithm,
     /// Installed key generations: inbound SAs exist for each.
     pub keys: Vec<KeyGeneration>,
     /// Generation outbound traffic uses; `None` installs inbound SAs only.

@@ -17,7 +17,9 @@ use netlink_packet_xfrm::{
 };
 use tokio::task::JoinHandle;
 
-use super::xfrm::{Observed, ObservedSa, PolicyId, PolicySpec, SaId, SaSpec, Xfrm, XfrmError};
+use super::xfrm::{
+    Observed, ObservedSa, PolicyId, PolicySpec, SaId, SaSpec, Xfrm, XfrmError, material_digest,
+};
 use super::{Algorithm, POLICY_PRIORITY, spi_of_reqid};
 
 /// Requests in flight at once when installing many SAs or policies.
@@ -110,14 +112,23 @@ fn install_state_request(
     };
     let (src, dst, spi, algorithm) = (sa.id.src, sa.id.dst, sa.id.spi, sa.algorithm);
     Ok(async move {
-        req.execute().await.map_err(|e| XfrmError::InstallState {
-            src,
-            dst,
-            spi,
-            algorithm,
-            reason: match errno_of(&e) {
-                Some(errno) => describe_errno(errno, algorithm),
-                None => e.to_string(),
+        req.execute().await.map_err(|e| match errno_of(&e) {
+            Some(errno @ (libc::ENOSYS | libc::ENOENT)) => XfrmError::AlgorithmUnavailable {
+                src,
+                dst,
+                spi,
+                algorithm,
+                reason: describe_errno(errno, algorithm),
+            },
+            errno => XfrmError::InstallState {
+                src,
+                dst,
+                spi,
+                algorithm,
+                reason: match errno {
+                    Some(errno) => describe_errno(errno, algorithm),
+                    None => e.to_string(),
+                },
             },
         })
     })
@@ -161,6 +172,38 @@ fn install_policy_request(
             reason: reason(&e),
         })
     }
+}
+
+fn c_name(raw: &[u8]) -> &[u8] {
+    raw.split(|b| *b == 0).next().unwrap_or_default()
+}
+
+/// [`material_digest`] of the algorithm and key a state dump reports (`None` when it does not
+/// report them or names an algorithm the agent never writes).
+fn material_of(nlas: &[XfrmAttrs]) -> Option<u64> {
+    let mut enc = None;
+    let mut auth = None;
+    for a in nlas {
+        match a {
+            XfrmAttrs::EncryptionAlgAead(a) => {
+                let name = c_name(&a.alg_name);
+                let alg = Algorithm::ALL
+                    .into_iter()
+                    .find(|x| x.name().as_bytes() == name)?;
+                return Some(material_digest(alg, &a.alg_key));
+            }
+            XfrmAttrs::EncryptionAlg(a) if c_name(&a.alg_name) == b"cbc(aes)" => {
+                enc = Some(a.alg_key.clone());
+            }
+            XfrmAttrs::AuthenticationAlgTrunc(a) if c_name(&a.alg_name) == b"hmac(sha256)" => {
+                auth = Some(a.alg_key.clone());
+            }
+            _ => {}
+        }
+    }
+    let mut key = enc?;
+    key.extend_from_slice(&auth?);
+    Some(material_digest(Algorithm::AesCbcHmacSha256, &key))
 }
 
 /// Xfrm through a netlink socket of the current network namespace.
@@ -287,6 +330,7 @@ impl Xfrm for NetlinkXfrm {
                     reqid: info.reqid,
                     packets: info.lifetime_cur.packets,
                     bytes: info.lifetime_cur.bytes,
+                    material: material_of(&msg.nlas),
                 },
             );
         }

@@ -14,7 +14,9 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use super::keys::{self, derive_key, wire_spi};
-use super::xfrm::{Observed, PolicyId, PolicySpec, SaId, SaSpec, Xfrm, XfrmError};
+use super::xfrm::{
+    Observed, ObservedSa, PolicyId, PolicySpec, SaId, SaSpec, Xfrm, XfrmError, material_digest,
+};
 use super::{IpsecConfig, IpsecStatus, reqid_for, spi_of_reqid};
 
 /// Errors computing the wanted state (the configuration cannot be realised).
@@ -58,7 +60,6 @@ pub fn wanted(cfg: Option<&IpsecConfig>) -> Result<Wanted, WantedError> {
     let Some(cfg) = cfg else { return Ok(w) };
     let local = cfg.local_address;
     let me = cfg.node_name.as_str();
-    let len = cfg.algorithm.key_len();
     let mut inbound_owner: BTreeMap<u32, &str> = BTreeMap::new();
     for k in &cfg.keys {
         for p in &cfg.peers {
@@ -76,13 +77,13 @@ pub fn wanted(cfg: Option<&IpsecConfig>) -> Result<Wanted, WantedError> {
                 dst: local,
                 spi,
             };
-            let key = derive_key(&k.psk, &k.salt, k.spi, &p.name, me, len)?;
+            let key = derive_key(&k.psk, &k.salt, k.spi, &p.name, me, k.algorithm.key_len())?;
             w.states.insert(
                 id,
                 SaSpec {
                     id,
                     reqid: reqid_for(k.spi),
-                    algorithm: cfg.algorithm,
+                    algorithm: k.algorithm,
                     key,
                 },
             );
@@ -97,13 +98,13 @@ pub fn wanted(cfg: Option<&IpsecConfig>) -> Result<Wanted, WantedError> {
                 dst: p.address,
                 spi: wire_spi(active, me, &p.name),
             };
-            let key = derive_key(&k.psk, &k.salt, active, me, &p.name, len)?;
+            let key = derive_key(&k.psk, &k.salt, active, me, &p.name, k.algorithm.key_len())?;
             w.states.insert(
                 id,
                 SaSpec {
                     id,
                     reqid: reqid_for(active),
-                    algorithm: cfg.algorithm,
+                    algorithm: k.algorithm,
                     key,
                 },
             );
@@ -142,20 +143,27 @@ impl Plan {
     }
 }
 
+/// Whether the SA found in the kernel differs from the wanted one: another reqid, or (when the
+/// kernel reports it) other key material or algorithm.
+fn differs(o: &ObservedSa, s: &SaSpec) -> bool {
+    o.reqid != s.reqid || o.material.is_some_and(|m| m != material_digest(s.algorithm, &s.key))
+}
+
 /// Diff wanted against observed (pure). `local` (this node's address) tells inbound SAs from
 /// outbound ones; with `None` (IPsec being removed) every SA goes in one batch anyway.
+///
+/// An SA that exists with another reqid, key or algorithm is deleted and added again. For a
+/// key or algorithm change of a generation in use this is disruptive (packets in flight under
+/// the old key are dropped until both ends are replaced); the operator never takes this path,
+/// it rotates to a new generation instead. It exists so a hand-edited standalone key file or
+/// a re-published generation converges to what is configured.
 pub fn plan(wanted: &Wanted, observed: &Observed, local: Option<IpAddr>) -> Plan {
     let mut p = Plan::default();
     let inbound = |id: &SaId| Some(id.dst) == local;
     let mut adds: Vec<&SaSpec> = wanted
         .states
         .values()
-        .filter(|s| {
-            observed
-                .states
-                .get(&s.id)
-                .is_none_or(|o| o.reqid != s.reqid)
-        })
+        .filter(|s| observed.states.get(&s.id).is_none_or(|o| differs(o, s)))
         .collect();
     adds.sort_by_key(|s| (!inbound(&s.id), s.id));
     p.add_states = adds.into_iter().cloned().collect();
@@ -176,12 +184,12 @@ pub fn plan(wanted: &Wanted, observed: &Observed, local: Option<IpAddr>) -> Plan
     let mut dels: Vec<SaId> = observed
         .states
         .iter()
-        .filter(|(id, o)| wanted.states.get(id).is_none_or(|s| s.reqid != o.reqid))
+        .filter(|(id, o)| wanted.states.get(id).is_none_or(|s| differs(o, s)))
         .map(|(id, _)| *id)
         .collect();
     dels.sort_by_key(|id| (inbound(id), *id));
     p.delete_states = dels;
-    // An SA whose reqid changed is deleted before it is added again.
+    // An SA whose reqid or material changed is deleted before it is added again.
     let readd: BTreeSet<SaId> = p
         .add_states
         .iter()

@@ -2,7 +2,8 @@
 //! every change, and reports status (log lines and, optionally, a JSON status file).
 //!
 //! ```text
-//!  start: connect ─► list_own (adopt: nothing is flushed)
+//!  start: connect (netlink, or the recording test hook: backend.rs) ─► list_own (adopt:
+//!         nothing is flushed)
 //!  every poll: file changed? ─► parse `ipsec:` ─► wanted ─► list_own ─► plan ─► apply
 //!                                  │ invalid: report, keep the kernel as it is
 //!                                  └ no `ipsec:` section: remove exactly the own objects
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
 
-use super::netlink::NetlinkXfrm;
+use super::backend::Backend;
 use super::reconcile::{self, apply, plan, wanted};
 use super::xfrm::Xfrm;
 use super::{IpsecConfig, IpsecStatus};
@@ -81,7 +82,7 @@ async fn refresh_status<X: Xfrm>(
 /// Run the IPsec task for the standalone file at `path` until the future is dropped.
 pub async fn run_standalone(path: PathBuf, poll: Duration) {
     let status_file = std::env::var_os(STATUS_FILE_ENV).map(PathBuf::from);
-    let mut xfrm: Option<NetlinkXfrm> = None;
+    let mut xfrm: Option<Backend> = None;
     let mut connect_warned = false;
     let mut last_hash: Option<u64> = None;
     let mut cfg: Option<IpsecConfig> = None;
@@ -128,7 +129,7 @@ pub async fn run_standalone(path: PathBuf, poll: Duration) {
             .as_ref()
             .is_some_and(|(_, at)| at.elapsed() >= RETRY);
         if xfrm.is_none() && (changed || retry_due) {
-            match NetlinkXfrm::connect() {
+            match Backend::from_env() {
                 Ok(mut x) => match x.list_own().await {
                     Ok(obs) => {
                         info!(

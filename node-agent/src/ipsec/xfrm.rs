@@ -3,7 +3,9 @@
 //!
 //! ```text
 //!  reconcile::apply ──► Xfrm ──┬─► NetlinkXfrm (netlink, the running kernel's netns)
-//!                              └─► RecordingXfrm (memory; records every call in order)
+//!                              ├─► RecordingXfrm (memory; records every call in order)
+//!                              └─► backend::FileRecording (RecordingXfrm persisted as JSON,
+//!                                   the MESHLET_IPSEC_XFRM=recording:<path> test hook)
 //! ```
 
 use std::collections::BTreeMap;
@@ -14,7 +16,9 @@ use std::net::IpAddr;
 use super::Algorithm;
 
 /// Identity of an SA in the kernel: (source, destination, wire SPI), protocol ESP.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct SaId {
     /// Sending node address.
     pub src: IpAddr,
@@ -49,7 +53,9 @@ impl fmt::Debug for SaSpec {
 }
 
 /// Identity of an outbound policy: traffic from `src` to `dst` (host prefixes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct PolicyId {
     /// Local address.
     pub src: IpAddr,
@@ -58,7 +64,9 @@ pub struct PolicyId {
 }
 
 /// An outbound policy: ESP transport mode through the SA with `reqid`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct PolicySpec {
     /// Identity.
     pub id: PolicyId,
@@ -75,6 +83,21 @@ pub struct ObservedSa {
     pub packets: u64,
     /// Bytes processed.
     pub bytes: u64,
+    /// [`material_digest`] of the SA's algorithm and key, when the kernel reports them.
+    pub material: Option<u64>,
+}
+
+/// A one-way digest of an SA's algorithm and key material: lets the reconciler notice a
+/// changed key without keeping or comparing key bytes. Never reversible to the key.
+pub fn material_digest(algorithm: Algorithm, key: &[u8]) -> u64 {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"meshlet-ipsec-material");
+    h.update(algorithm.name().as_bytes());
+    h.update([0]);
+    h.update(key);
+    let d = h.finalize();
+    u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
 }
 
 /// Own states and policies present in the kernel.
@@ -104,6 +127,21 @@ pub enum XfrmError {
         /// Algorithm asked for.
         algorithm: Algorithm,
         /// What the kernel said, in words a user can act on.
+        reason: String,
+    },
+    /// An SA could not be installed because the kernel lacks its algorithm (the module is not
+    /// loaded or not built).
+    #[error("failed to install SA {src} -> {dst} spi {spi:#x} ({algorithm}): {reason}")]
+    AlgorithmUnavailable {
+        /// Source.
+        src: IpAddr,
+        /// Destination.
+        dst: IpAddr,
+        /// Wire SPI.
+        spi: u32,
+        /// Algorithm the kernel refused.
+        algorithm: Algorithm,
+        /// What the kernel said and which modules to load.
         reason: String,
     },
     /// An SA could not be deleted.
@@ -196,8 +234,19 @@ pub trait Xfrm: Send {
     fn list_own(&mut self) -> impl Future<Output = Result<Observed, XfrmError>> + Send;
 }
 
+impl XfrmError {
+    /// The algorithm the kernel refused, when that is what failed.
+    pub fn unavailable_algorithm(&self) -> Option<Algorithm> {
+        match self {
+            XfrmError::AlgorithmUnavailable { algorithm, .. } => Some(*algorithm),
+            _ => None,
+        }
+    }
+}
+
 /// One call made to a [`RecordingXfrm`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "op", content = "args", rename_all = "camelCase")]
 pub enum XfrmCall {
     /// `install_state`.
     InstallState(SaId, u32),
@@ -213,8 +262,10 @@ pub enum XfrmCall {
 /// and can refuse an algorithm the way a kernel without it does.
 #[derive(Debug, Default, Clone)]
 pub struct RecordingXfrm {
-    /// Every SA present, own or not, by identity.
+    /// Every SA present, own or not, by identity, with its reqid.
     pub states: BTreeMap<SaId, u32>,
+    /// [`material_digest`] of every SA the recorder installed.
+    pub materials: BTreeMap<SaId, u64>,
     /// Every outbound policy present, with its template reqid and priority.
     pub policies: BTreeMap<PolicyId, (u32, u32)>,
     /// Mutating calls in order.
@@ -257,10 +308,14 @@ impl Xfrm for RecordingXfrm {
             reason,
         };
         if self.missing.contains(&sa.algorithm) {
-            return Err(fail(super::netlink::describe_errno(
-                libc::ENOSYS,
-                sa.algorithm,
-            )));
+            // What the netlink path reports for ENOENT from a kernel without the module.
+            return Err(XfrmError::AlgorithmUnavailable {
+                src: sa.id.src,
+                dst: sa.id.dst,
+                spi: sa.id.spi,
+                algorithm: sa.algorithm,
+                reason: super::netlink::describe_errno(libc::ENOENT, sa.algorithm),
+            });
         }
         if self.fail_install_at == Some(n) {
             return Err(fail("injected failure".into()));
@@ -269,12 +324,15 @@ impl Xfrm for RecordingXfrm {
             return Err(fail("the SA exists (EEXIST)".into()));
         }
         self.states.insert(sa.id, sa.reqid);
+        self.materials
+            .insert(sa.id, material_digest(sa.algorithm, &sa.key));
         self.calls.push(XfrmCall::InstallState(sa.id, sa.reqid));
         Ok(())
     }
 
     async fn delete_state(&mut self, id: &SaId) -> Result<(), XfrmError> {
         self.calls.push(XfrmCall::DeleteState(*id));
+        self.materials.remove(id);
         self.states
             .remove(id)
             .map(|_| ())
@@ -318,6 +376,7 @@ impl Xfrm for RecordingXfrm {
                             reqid: *r,
                             packets: 0,
                             bytes: 0,
+                            material: self.materials.get(id).copied(),
                         },
                     )
                 })

@@ -517,6 +517,7 @@ fn parse_hex(text: &str) -> Option<Vec<u8>> {
 
 /// Key generations of an IPsec key file: one line per generation, `<spi> <psk-hex>
 /// [<salt-hex>]`; `#` starts a comment. Problems are reported as `keyfile:line: message`.
+/// The generations carry the default algorithm; the `ipsec:` section's `algorithm` replaces it.
 pub fn parse_key_file(path: &Path, text: &str) -> Result<Vec<crate::ipsec::KeyGeneration>, String> {
     let mut out: Vec<crate::ipsec::KeyGeneration> = Vec::new();
     for (i, raw) in text.lines().enumerate() {
@@ -553,7 +554,12 @@ pub fn parse_key_file(path: &Path, text: &str) -> Result<Vec<crate::ipsec::KeyGe
         if out.iter().any(|k| k.spi == spi) {
             return Err(format!("{at}: spi {spi} is listed twice"));
         }
-        out.push(crate::ipsec::KeyGeneration { spi, psk, salt });
+        out.push(crate::ipsec::KeyGeneration {
+            spi,
+            psk,
+            salt,
+            algorithm: crate::ipsec::Algorithm::AesGcm,
+        });
     }
     Ok(out)
 }
@@ -731,8 +737,11 @@ pub fn parse_ipsec(
         (true, Some(local_address), Some(algorithm)) => Ok(Some(IpsecConfig {
             node_name,
             local_address,
-            algorithm,
-            keys,
+            // The file's single algorithm applies to every generation it lists.
+            keys: keys
+                .into_iter()
+                .map(|k| crate::ipsec::KeyGeneration { algorithm, ..k })
+                .collect(),
             active_spi,
             peers,
         })),

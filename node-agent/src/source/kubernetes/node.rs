@@ -29,6 +29,7 @@ use crate::agent::{Context, restart_kind_name};
 use crate::config::AgentArgs;
 use crate::dataplane::{self, Dataplane, StartReport};
 use crate::index::Index;
+use crate::ipsec::kube::{self as kube_ipsec, IpsecReport, KubeIpsec, SharedXfrm};
 use crate::metrics::Metrics;
 use crate::status::{self, NodeFacts, Observation, Phase, StatusWriter};
 
@@ -69,6 +70,10 @@ pub struct KubeNode {
     phase: Phase,
     source_error: Option<String>,
     retry_at: Option<tokio::time::Instant>,
+    /// xfrm slot shared with the IPsec task (removed on unenroll before the release).
+    ipsec_xfrm: SharedXfrm,
+    /// Latest report of the IPsec task.
+    ipsec: Option<IpsecReport>,
 }
 
 impl KubeNode {
@@ -99,6 +104,8 @@ impl KubeNode {
             phase: Phase::Syncing,
             source_error: None,
             retry_at: None,
+            ipsec_xfrm: SharedXfrm::default(),
+            ipsec: None,
         })
     }
 
@@ -112,6 +119,25 @@ impl KubeNode {
                 skipped: metrics.source_skipped.clone(),
             },
         )
+    }
+
+    /// The IPsec task on the same client, sharing this node's xfrm slot.
+    pub fn ipsec_task(&self, metrics: &Metrics, debounce: Duration) -> KubeIpsec {
+        KubeIpsec {
+            client: self.client.clone(),
+            node: self.node.clone(),
+            debounce,
+            watch_restarts: metrics.watch_restarts.clone(),
+            xfrm: self.ipsec_xfrm.clone(),
+        }
+    }
+
+    /// A new report of the IPsec task: fold it into the status (written when it changed).
+    pub async fn on_ipsec(&mut self, ctx: &Arc<Context>, report: Option<IpsecReport>) {
+        if report.is_some() && report != self.ipsec {
+            self.ipsec = report;
+            self.report(ctx).await;
+        }
     }
 
     /// Record that the data plane was adopted or loaded at process start.
@@ -167,13 +193,19 @@ impl KubeNode {
                 Next::Nothing
             }
             Action::Serve => {
+                kube_ipsec::enrolled(&self.ipsec_xfrm).await;
                 self.report(ctx).await;
                 Next::Nothing
             }
-            Action::Start => self.load(ctx, index).await,
+            Action::Start => {
+                kube_ipsec::enrolled(&self.ipsec_xfrm).await;
+                self.load(ctx, index).await
+            }
             Action::Drain => {
                 if self.teardown(ctx, index).await {
                     self.phase = Phase::Drained;
+                } else {
+                    self.schedule_retry();
                 }
                 self.report(ctx).await;
                 Next::Nothing
@@ -235,8 +267,13 @@ impl KubeNode {
         }
     }
 
-    /// Detach and unpin everything; true when nothing is left.
+    /// Remove the own xfrm objects, then detach and unpin everything; true when nothing is
+    /// left.
     async fn teardown(&mut self, ctx: &Arc<Context>, index: &mut Index) -> bool {
+        if let Err(e) = kube_ipsec::remove_all(&self.ipsec_xfrm).await {
+            error!(error = %e, "removing the own IPsec xfrm objects failed; retrying");
+            return false;
+        }
         let dp = ctx.dataplane.clone();
         let cfg = ctx.args.dataplane();
         let result = tokio::task::spawn_blocking(move || {
@@ -346,6 +383,7 @@ impl KubeNode {
             maps,
             phase,
             source_error: self.source_error.clone(),
+            ipsec: self.ipsec.clone(),
         };
         let base = self
             .writer

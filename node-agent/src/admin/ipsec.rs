@@ -51,9 +51,9 @@ pub fn pick_policy(requested: Option<&str>, existing: &[String]) -> Result<Strin
 }
 
 async fn client() -> Result<Client, String> {
-    Client::try_default()
-        .await
-        .map_err(|e| format!("failed to configure the Kubernetes client (KUBECONFIG or in-cluster): {e}"))
+    Client::try_default().await.map_err(|e| {
+        format!("failed to configure the Kubernetes client (KUBECONFIG or in-cluster): {e}")
+    })
 }
 
 /// Run an `ipsec` subcommand; prints what it did.

@@ -127,7 +127,8 @@ impl FileRecording {
                 .collect(),
             calls: self.inner.calls.clone(),
         };
-        let json = serde_json::to_vec_pretty(&file).map_err(|e| XfrmError::Connect(e.to_string()))?;
+        let json =
+            serde_json::to_vec_pretty(&file).map_err(|e| XfrmError::Connect(e.to_string()))?;
         let tmp = self.path.with_extension("tmp");
         std::fs::write(&tmp, json)
             .and_then(|()| std::fs::rename(&tmp, &self.path))
@@ -187,9 +188,8 @@ pub fn parse_refused(value: &str) -> Result<Vec<Algorithm>, XfrmError> {
         .map(str::trim)
         .filter(|n| !n.is_empty())
         .map(|n| {
-            Algorithm::parse(n).ok_or_else(|| {
-                XfrmError::Connect(format!("{REFUSE_ENV}: unknown algorithm {n:?}"))
-            })
+            Algorithm::parse(n)
+                .ok_or_else(|| XfrmError::Connect(format!("{REFUSE_ENV}: unknown algorithm {n:?}")))
         })
         .collect()
 }
@@ -301,7 +301,10 @@ mod tests {
         let mut b = FileRecording::open(path.clone(), vec![]).expect("reopen");
         assert_eq!(b.list_own().await.expect("list"), before);
         let text = std::fs::read_to_string(&path).expect("read");
-        assert!(!text.contains("7,7,7"), "key bytes in the recording: {text}");
+        assert!(
+            !text.contains("7,7,7"),
+            "key bytes in the recording: {text}"
+        );
         assert_eq!(RecordedFile::read(&path).expect("parse").calls.len(), 1);
     }
 
@@ -314,7 +317,8 @@ mod tests {
         let err = x.install_state(&sa(0x1001)).await.expect_err("refused");
         assert_eq!(err.unavailable_algorithm(), Some(Algorithm::AesGcm));
         assert!(
-            err.to_string().contains("does not provide algorithm rfc4106(gcm(aes)) (errno 2)"),
+            err.to_string()
+                .contains("does not provide algorithm rfc4106(gcm(aes)) (errno 2)"),
             "{err}"
         );
         assert!(parse_refused("des").is_err());

@@ -225,7 +225,10 @@ pub fn decide(v: &View<'_>) -> Decision {
         let Some(algorithm) = Algorithm::parse(algorithm_name(m.algorithm)) else {
             return refuse(
                 reason::ALGORITHM_UNAVAILABLE,
-                format!("generation {spi}: this agent does not implement {:?}", m.algorithm),
+                format!(
+                    "generation {spi}: this agent does not implement {:?}",
+                    m.algorithm
+                ),
             );
         };
         keys.push(KeyGeneration {
@@ -470,13 +473,18 @@ impl KubeIpsec {
 
     async fn run(self, tx: watch::Sender<Option<IpsecReport>>) {
         let c = &self.client;
-        let policies = watcher::watcher(Api::<IPsecPolicy>::all(c.clone()), watcher::Config::default())
-            .default_backoff()
-            .map(|e| Watched::Policy(Box::new(e)));
-        let enrollments =
-            watcher::watcher(Api::<NodeEnrollment>::all(c.clone()), watcher::Config::default())
-                .default_backoff()
-                .map(|e| Watched::Enrollment(Box::new(e)));
+        let policies = watcher::watcher(
+            Api::<IPsecPolicy>::all(c.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .map(|e| Watched::Policy(Box::new(e)));
+        let enrollments = watcher::watcher(
+            Api::<NodeEnrollment>::all(c.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .map(|e| Watched::Enrollment(Box::new(e)));
         let nodes = watcher::watcher(Api::<Node>::all(c.clone()), watcher::Config::default())
             .default_backoff()
             .map(|e| Watched::Node(Box::new(e)));

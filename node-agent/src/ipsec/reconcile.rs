@@ -146,7 +146,9 @@ impl Plan {
 /// Whether the SA found in the kernel differs from the wanted one: another reqid, or (when the
 /// kernel reports it) other key material or algorithm.
 fn differs(o: &ObservedSa, s: &SaSpec) -> bool {
-    o.reqid != s.reqid || o.material.is_some_and(|m| m != material_digest(s.algorithm, &s.key))
+    o.reqid != s.reqid
+        || o.material
+            .is_some_and(|m| m != material_digest(s.algorithm, &s.key))
 }
 
 /// Diff wanted against observed (pure). `local` (this node's address) tells inbound SAs from

@@ -264,6 +264,13 @@ async fn key_rotation_moves_phase_by_phase_on_acks_without_a_drop_window() {
         .await;
     let stalled_event = log.events()[stalled].clone();
     println!("while node-4 refuses {GCM}: Stalled {:?}", stalled_event.stalled);
+    assert!(
+        stalled_event
+            .stalled
+            .as_deref()
+            .is_some_and(|m| m.contains("AlgorithmUnavailable")),
+        "the Stalled condition names the reason: {stalled_event:?}"
+    );
     assert_eq!(stalled_event.phase, "Installing", "{stalled_event:?}");
     let ne4 = enrollments(&cluster).await.get("node-4").cloned().expect("node-4 enrolled");
     let cond = condition_of(&ne4, "IPsecReady").cloned().unwrap_or_default();
@@ -383,6 +390,16 @@ async fn key_rotation_moves_phase_by_phase_on_acks_without_a_drop_window() {
 
     // No key bytes anywhere a user or a log collector looks.
     assert!(keys.len() >= 3, "keys of a, b and c collected");
+    let (ok, secret, err) = kubectl(
+        &cluster,
+        &["get", "secret", "-n", NS, KEY_SECRET, "-o", "yaml"],
+    )
+    .await;
+    assert!(ok, "kubectl get secret: {err}");
+    assert!(
+        !keys.leaks(secret.as_bytes()).is_empty(),
+        "the leak check does not even find the key in its own Secret"
+    );
     let mut leaks = Vec::new();
     for (source, text) in visible_text(&cluster).await {
         for l in keys.leaks(&text) {

@@ -6,7 +6,7 @@
 //!  kubectl apply / annotate ──► IPsecPolicy ──► operator ──► Secret meshlet-ipsec-key
 //!         PhaseLog ◄── watch ────────┘                          │
 //!                                                  agents ◄─────┘ ──► <run_dir>/node-i/xfrm.json
-//!  Sampler ── every 20 ms: all recordings twice ──► "X sends to Y on g ⇒ Y receives g from X"
+//!  Sampler ── every 5 ms: all recordings twice ──► "X sends to Y on g ⇒ Y receives g from X"
 //! ```
 #![allow(dead_code)]
 
@@ -323,13 +323,18 @@ pub fn phase_sequence(events: &[PhaseEvent]) -> Vec<(String, Instant)> {
     out
 }
 
-/// Prints how long each phase of a rotation took, from the request at `start`; returns the
-/// line.
+/// Prints how long each phase of a rotation took, from the request at `start` (status writes
+/// before `Installing` are skipped); returns the line.
 pub fn phase_timings(label: &str, start: Instant, seq: &[(String, Instant)]) -> String {
+    let seq: Vec<(String, Instant)> = seq
+        .iter()
+        .skip_while(|(p, _)| p != "Installing")
+        .cloned()
+        .collect();
     let mut parts = Vec::new();
     let mut prev = start;
     let mut prev_name = "request".to_string();
-    for (p, at) in seq {
+    for (p, at) in &seq {
         parts.push(format!(
             "{prev_name}→{p} {} ms",
             at.duration_since(prev).as_millis()
@@ -380,7 +385,7 @@ impl Sampler {
                     report.violations.entry(v).or_insert(report.samples);
                 }
                 report.samples += 1;
-                std::thread::sleep(Duration::from_millis(20));
+                std::thread::sleep(Duration::from_millis(5));
             }
             report
         });
@@ -539,10 +544,70 @@ pub async fn visible_text(cluster: &LocalCluster) -> Vec<(String, Vec<u8>)> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use meshlet_local_cluster::xfrm::{Policy, PolicyId, SaId, State};
+
     #[test]
     fn base64_matches_the_rfc_vectors() {
-        assert_eq!(super::base64(b"f"), "Zg==");
-        assert_eq!(super::base64(b"fo"), "Zm8=");
-        assert_eq!(super::base64(b"foobar"), "Zm9vYmFy");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foobar"), "Zm9vYmFy");
+    }
+
+    fn peer(i: u8) -> Peer {
+        Peer {
+            name: format!("node-{i}"),
+            ip: IpAddr::from([127, 0, 1, i]),
+            path: PathBuf::new(),
+        }
+    }
+
+    /// A node holding inbound `inbound` from, and sending on `sending` to, peer `other`.
+    fn node(me: u8, other: u8, inbound: &[u32], sending: u32) -> Recording {
+        let (a, b) = (peer(me).ip, peer(other).ip);
+        let reqid = |g: u32| 0x6d6c_0000 | g;
+        let mut states: Vec<State> = inbound
+            .iter()
+            .map(|g| State {
+                id: SaId { src: b, dst: a, spi: *g },
+                reqid: reqid(*g),
+            })
+            .collect();
+        states.push(State {
+            id: SaId { src: a, dst: b, spi: sending + 1000 },
+            reqid: reqid(sending),
+        });
+        Recording {
+            states,
+            policies: vec![Policy {
+                id: PolicyId { src: a, dst: b },
+                reqid: reqid(sending),
+                priority: 0,
+            }],
+            calls: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_sender_ahead_of_its_receiver_is_a_window() {
+        let peers = [peer(1), peer(2)];
+        let ok = [node(1, 2, &[256, 257], 257), node(2, 1, &[256, 257], 256)];
+        assert!(window_violations(&peers, &ok, &ok).is_empty());
+        let early = [node(1, 2, &[256, 257], 257), node(2, 1, &[256], 256)];
+        let v = window_violations(&peers, &early, &early);
+        assert_eq!(
+            v,
+            ["node-1 sends to node-2 on 257 while node-2 has no inbound SA of 257 from node-1"]
+        );
+    }
+
+    #[test]
+    fn the_leak_check_finds_every_encoding() {
+        let mut k = PublishedKeys::default();
+        let key: Vec<u8> = (1..=32).collect();
+        k.keys.insert("p.256.key".into(), key.clone());
+        assert!(k.leaks(b"nothing here").is_empty());
+        assert_eq!(k.leaks(base64(&key).as_bytes()), ["p.256.key (base64)"]);
+        assert_eq!(k.leaks(b"[1, 2, 3, 4, 5, 6, 7, 8, 9]"), ["p.256.key (byte list)"]);
     }
 }

@@ -253,7 +253,8 @@ fn an_algorithm_the_kernel_lacks_halts_the_rotation_and_rolls_back() {
         assert_eq!(x.policies, before.policies);
         match err {
             meshlet_agent::ipsec::runner::PassError::Apply(ApplyError::RolledBack {
-                source, ..
+                source,
+                ..
             }) => assert_eq!(
                 source.unavailable_algorithm(),
                 Some(Algorithm::ChaCha20Poly1305)
@@ -277,7 +278,11 @@ fn generations_of_different_algorithms_coexist_during_a_rotation() {
         assert!(x.policies.values().all(|p| p.0 == reqid_for(2)));
         let calls_before = x.calls.len();
         reconcile_once(&mut x, Some(&c)).await.expect("again");
-        assert_eq!(x.calls.len(), calls_before, "an unchanged config changes nothing");
+        assert_eq!(
+            x.calls.len(),
+            calls_before,
+            "an unchanged config changes nothing"
+        );
     });
 }
 
@@ -313,14 +318,18 @@ fn a_changed_key_or_algorithm_of_an_installed_generation_replaces_its_sas() {
         assert_eq!(added.len(), 4, "{:?}", x.calls);
         assert!(added.iter().all(|(_, r)| *r == reqid_for(2)));
         assert!(
-            !x.calls.iter().any(|c| matches!(c, XfrmCall::InstallPolicy(_))),
+            !x.calls
+                .iter()
+                .any(|c| matches!(c, XfrmCall::InstallPolicy(_))),
             "{:?}",
             x.calls
         );
         let mut realg = rekeyed.clone();
         realg.keys[0].algorithm = Algorithm::AesCbcHmacSha256;
         x.calls.clear();
-        reconcile_once(&mut x, Some(&realg)).await.expect("algorithm");
+        reconcile_once(&mut x, Some(&realg))
+            .await
+            .expect("algorithm");
         assert_eq!(
             x.calls
                 .iter()

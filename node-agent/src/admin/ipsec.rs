@@ -151,10 +151,10 @@ mod tests {
         let two = vec!["a".to_string(), "b".to_string()];
         assert_eq!(pick_policy(None, &one).as_deref(), Ok("mesh"));
         assert_eq!(pick_policy(Some("b"), &two).as_deref(), Ok("b"));
-        let err = pick_policy(None, &two).unwrap_err();
+        let err = pick_policy(None, &two).expect_err("two");
         assert!(err.contains("existing: a, b"), "{err}");
-        let err = pick_policy(Some("c"), &two).unwrap_err();
+        let err = pick_policy(Some("c"), &two).expect_err("missing");
         assert!(err.contains("\"c\" not found (existing: a, b)"), "{err}");
-        assert!(pick_policy(None, &[]).unwrap_err().contains("none exist"));
+        assert!(pick_policy(None, &[]).expect_err("none").contains("none exist"));
     }
 }

@@ -726,3 +726,183 @@ impl KubeIpsec {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{NodeAddress, NodeStatus};
+    use meshlet_crds::ipsec::{KeyMaterial, publish};
+    use meshlet_crds::v1alpha1::{IPsecAlgorithm, IPsecPolicyStatus};
+
+    fn node(name: &str, ip: Option<&str>) -> Node {
+        let mut n = Node::default();
+        n.metadata.name = Some(name.into());
+        n.status = Some(NodeStatus {
+            addresses: ip.map(|ip| {
+                vec![NodeAddress {
+                    type_: "InternalIP".into(),
+                    address: ip.into(),
+                }]
+            }),
+            ..NodeStatus::default()
+        });
+        n
+    }
+
+    fn policy(active: Option<i64>) -> IPsecPolicy {
+        let mut p = IPsecPolicy::test("mesh");
+        p.status = Some(IPsecPolicyStatus {
+            active_spi: active,
+            ..IPsecPolicyStatus::default()
+        });
+        p
+    }
+
+    fn secret(spis: &[u32]) -> BTreeMap<String, ByteString> {
+        let gens = spis
+            .iter()
+            .map(|s| {
+                (
+                    *s,
+                    KeyMaterial {
+                        key: vec![1; 32],
+                        salt: vec![2; 8],
+                        algorithm: IPsecAlgorithm::Rfc4106GcmAes,
+                    },
+                )
+            })
+            .collect();
+        publish("mesh", &gens)
+    }
+
+    struct Fixture {
+        policies: Vec<IPsecPolicy>,
+        enrollments: Vec<NodeEnrollment>,
+        nodes: Vec<Node>,
+        secret: Option<BTreeMap<String, ByteString>>,
+    }
+
+    impl Fixture {
+        fn new(active: Option<i64>, spis: &[u32]) -> Self {
+            Self {
+                policies: vec![policy(active)],
+                enrollments: ["a", "b", "c"].map(NodeEnrollment::test).to_vec(),
+                nodes: vec![
+                    node("a", Some("10.0.0.1")),
+                    node("b", Some("10.0.0.2")),
+                    node("c", None),
+                ],
+                secret: Some(secret(spis)),
+            }
+        }
+
+        fn decide(&self) -> Decision {
+            let policies: Vec<_> = self.policies.iter().collect();
+            let enrollments: Vec<_> = self.enrollments.iter().collect();
+            let nodes: Vec<_> = self.nodes.iter().collect();
+            decide(&View {
+                node: "a",
+                policies: &policies,
+                enrollments: &enrollments,
+                nodes: &nodes,
+                secret: self.secret.as_ref(),
+            })
+        }
+    }
+
+    #[test]
+    fn published_generations_and_peers_with_an_internal_ip_are_wanted() {
+        let Decision::Apply { cfg, skipped, .. } = Fixture::new(Some(256), &[256, 257]).decide()
+        else {
+            panic!("expected Apply");
+        };
+        assert_eq!(
+            cfg.keys.iter().map(|k| k.spi).collect::<Vec<_>>(),
+            [256, 257]
+        );
+        assert_eq!(cfg.active_spi, Some(256));
+        assert_eq!(cfg.local_address.to_string(), "10.0.0.1");
+        assert_eq!(cfg.peers.len(), 1);
+        assert_eq!(cfg.peers[0].name, "b");
+        assert_eq!(skipped, ["peer c: no InternalIP in status.addresses"]);
+    }
+
+    #[test]
+    fn an_unpublished_active_spi_holds_and_a_bad_secret_is_refused() {
+        assert!(matches!(
+            Fixture::new(Some(258), &[256, 257]).decide(),
+            Decision::Hold { .. }
+        ));
+        let mut f = Fixture::new(Some(256), &[256]);
+        if let Some(s) = f.secret.as_mut() {
+            s.insert("mesh.256.key".into(), ByteString(vec![1; 4]));
+        }
+        match f.decide() {
+            Decision::Refuse {
+                reason, message, ..
+            } => {
+                assert_eq!(reason, reason::KEY_UNAVAILABLE);
+                assert!(message.contains("mesh.256.key holds 4 bytes"), "{message}");
+            }
+            other => panic!("expected Refuse, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn draining_unenrolled_or_unselected_nodes_remove_everything() {
+        let mut f = Fixture::new(Some(256), &[256]);
+        f.enrollments[0].spec.drain = true;
+        assert_eq!(f.decide(), Decision::Remove);
+        let mut f = Fixture::new(Some(256), &[256]);
+        f.enrollments.remove(0);
+        assert_eq!(f.decide(), Decision::Remove);
+        let mut f = Fixture::new(Some(256), &[256]);
+        f.policies.clear();
+        assert_eq!(f.decide(), Decision::Remove);
+    }
+
+    #[test]
+    fn a_draining_peer_is_no_peer_and_no_own_address_is_refused() {
+        let mut f = Fixture::new(Some(256), &[256]);
+        f.enrollments[1].spec.drain = true;
+        let Decision::Apply { cfg, .. } = f.decide() else {
+            panic!("expected Apply");
+        };
+        assert!(cfg.peers.is_empty());
+        let mut f = Fixture::new(Some(256), &[256]);
+        f.nodes[0] = node("a", None);
+        assert!(matches!(
+            f.decide(),
+            Decision::Refuse {
+                reason: reason::ADDRESS_UNAVAILABLE,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn with_no_peers_every_applied_generation_is_acknowledged() {
+        let Decision::Apply { cfg, .. } = Fixture::new(Some(256), &[256, 257]).decide() else {
+            panic!("expected Apply");
+        };
+        let lonely = IpsecConfig {
+            peers: vec![],
+            ..cfg
+        };
+        let st = node_status(
+            "mesh",
+            &lonely,
+            &super::super::xfrm::Observed::default(),
+            true,
+        );
+        assert_eq!(st.installed_spis, [256, 257]);
+        assert_eq!(st.active_spi, Some(256));
+        let st = node_status(
+            "mesh",
+            &lonely,
+            &super::super::xfrm::Observed::default(),
+            false,
+        );
+        assert!(st.installed_spis.is_empty());
+    }
+}

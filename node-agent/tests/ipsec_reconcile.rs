@@ -393,3 +393,48 @@ fn one_thousand_peers_plan_into_two_thousand_sas_and_one_thousand_policies() {
             .all(|s| s.id.dst == c.local_address)
     );
 }
+
+#[test]
+fn a_refused_algorithm_on_a_new_generation_leaves_a_changed_old_one_untouched() {
+    rt().block_on(async {
+        let mut x = RecordingXfrm::new();
+        reconcile_once(&mut x, Some(&cfg(3, &[1], Some(1))))
+            .await
+            .expect("enable");
+        let before = x.clone();
+        x.missing = vec![Algorithm::ChaCha20Poly1305];
+        // A file switching every generation to a missing algorithm: generation 2 is new and
+        // goes first, so the refusal comes before any SA of generation 1 is replaced.
+        let mut bad = cfg(3, &[1, 2], Some(1));
+        for k in &mut bad.keys {
+            k.algorithm = Algorithm::ChaCha20Poly1305;
+        }
+        let err = reconcile_once(&mut x, Some(&bad)).await.expect_err("refused");
+        assert!(err.to_string().contains("nothing was changed"), "{err}");
+        assert_eq!(x.states, before.states);
+        assert_eq!(x.policies, before.policies);
+    });
+}
+
+#[test]
+fn a_refused_replacement_costs_one_sa_and_says_so() {
+    rt().block_on(async {
+        let mut x = RecordingXfrm::new();
+        reconcile_once(&mut x, Some(&cfg(3, &[1], Some(1))))
+            .await
+            .expect("enable");
+        x.missing = vec![Algorithm::ChaCha20Poly1305];
+        let mut bad = cfg(3, &[1], Some(1));
+        bad.keys[0].algorithm = Algorithm::ChaCha20Poly1305;
+        let err = reconcile_once(&mut x, Some(&bad)).await.expect_err("refused");
+        match &err {
+            meshlet_agent::ipsec::runner::PassError::Apply(ApplyError::ReplaceFailed {
+                lost,
+                ..
+            }) => assert_eq!(*lost, 1),
+            other => panic!("unexpected {other}"),
+        }
+        assert!(err.to_string().contains("1 of its SAs are removed"), "{err}");
+        assert_eq!(x.states.len(), 3, "only the first replaced SA is gone");
+    });
+}

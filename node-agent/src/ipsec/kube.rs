@@ -364,8 +364,10 @@ pub async fn remove_all(shared: &SharedXfrm) -> Result<(), PassError> {
 fn condition_of(e: &PassError) -> IpsecCondition {
     let reason = match e {
         PassError::Wanted(reconcile::WantedError::SpiCollision { .. }) => reason::POLICY_CONFLICT,
-        PassError::Apply(reconcile::ApplyError::RolledBack { source, .. })
-            if source.unavailable_algorithm().is_some() =>
+        PassError::Apply(
+            reconcile::ApplyError::RolledBack { source, .. }
+            | reconcile::ApplyError::ReplaceFailed { source, .. },
+        ) if source.unavailable_algorithm().is_some() =>
         {
             reason::ALGORITHM_UNAVAILABLE
         }

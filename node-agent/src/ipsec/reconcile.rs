@@ -241,32 +241,42 @@ pub enum ApplyError {
         /// SAs removed again.
         rolled_back: usize,
     },
+    /// Re-adding an SA of a generation whose key or algorithm changed failed: the SAs deleted
+    /// for the replacement and not re-added are gone, the new SAs this apply added were removed
+    /// again, no policy was touched. Only the disruptive replace path (see [`plan`]) can end here.
+    #[error(
+        "{source}; replacing the SAs of a changed generation failed: {lost} of its SAs are \
+         removed, {rolled_back} new SAs were rolled back"
+    )]
+    ReplaceFailed {
+        /// The failing install.
+        #[source]
+        source: XfrmError,
+        /// SAs deleted for the replacement and not re-added.
+        lost: usize,
+        /// SAs removed again.
+        rolled_back: usize,
+    },
     /// A later step failed; SAs are in place, some policies or deletions may be pending and
     /// are retried by the next apply.
     #[error("{0}; the next apply retries the remaining steps")]
     Partial(#[source] XfrmError),
 }
 
-/// Apply `plan` through `x` in the safe order (see the module header).
-pub async fn apply<X: Xfrm>(x: &mut X, plan: &Plan) -> Result<ApplyStats, ApplyError> {
-    let started = Instant::now();
-    let mut stats = ApplyStats::default();
-    // Deletions of SAs that are re-added with another reqid come first for those SAs.
-    let readd: BTreeSet<SaId> = plan.add_states.iter().map(|s| s.id).collect();
-    for id in plan.delete_states.iter().filter(|id| readd.contains(id)) {
-        x.delete_state(id).await.map_err(ApplyError::Partial)?;
-        stats.states_deleted += 1;
-    }
-    // Inbound SAs first, then outbound ones; the first SA alone, so a kernel lacking the
-    // algorithm refuses before anything else is sent.
-    let split = plan
-        .add_states
+/// Install `sas` (inbound first, then outbound; the first SA alone, so a kernel lacking the
+/// algorithm refuses before anything else is sent). Every SA installed is pushed to `added`;
+/// the first failure is returned after the batch it belongs to.
+async fn install_batches<X: Xfrm>(
+    x: &mut X,
+    sas: &[SaSpec],
+    added: &mut Vec<SaId>,
+) -> Result<(), XfrmError> {
+    let split = sas
         .iter()
-        .position(|s| Some(s.id.src) == plan.add_states.first().map(|f| f.id.dst))
-        .unwrap_or(plan.add_states.len());
-    let (inb, outb) = plan.add_states.split_at(split);
+        .position(|s| Some(s.id.src) == sas.first().map(|f| f.id.dst))
+        .unwrap_or(sas.len());
+    let (inb, outb) = sas.split_at(split);
     let first = inb.len().min(1);
-    let mut added: Vec<SaId> = Vec::with_capacity(plan.add_states.len());
     for batch in [&inb[..first], &inb[first..], outb] {
         let results = x.install_states(batch).await;
         let mut failure = None;
@@ -278,19 +288,70 @@ pub async fn apply<X: Xfrm>(x: &mut X, plan: &Plan) -> Result<ApplyStats, ApplyE
                 }
             }
         }
-        if let Some(source) = failure {
-            let mut rolled_back = 0;
-            for id in added.iter().rev() {
-                if x.delete_state(id).await.is_ok() {
-                    rolled_back += 1;
-                }
-            }
-            return Err(ApplyError::RolledBack {
+        if let Some(e) = failure {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Remove the SAs in `added` again (newest first); returns how many went.
+async fn roll_back<X: Xfrm>(x: &mut X, added: &[SaId]) -> usize {
+    let mut rolled_back = 0;
+    for id in added.iter().rev() {
+        if x.delete_state(id).await.is_ok() {
+            rolled_back += 1;
+        }
+    }
+    rolled_back
+}
+
+/// Apply `plan` through `x` in the safe order (see the module header).
+///
+/// New SAs go first and are rolled back together if one fails, so nothing changes. SAs that
+/// exist with another reqid, key or algorithm are replaced after that (delete, then add: the
+/// disruptive path, see [`plan`]); the first replacement is done alone, so a refused algorithm
+/// costs at most that one SA, and a failure rolls back every SA added by this apply.
+pub async fn apply<X: Xfrm>(x: &mut X, plan: &Plan) -> Result<ApplyStats, ApplyError> {
+    let started = Instant::now();
+    let mut stats = ApplyStats::default();
+    let add_ids: BTreeSet<SaId> = plan.add_states.iter().map(|s| s.id).collect();
+    let readd: BTreeSet<SaId> = plan
+        .delete_states
+        .iter()
+        .filter(|id| add_ids.contains(id))
+        .copied()
+        .collect();
+    let (again, fresh): (Vec<SaSpec>, Vec<SaSpec>) = plan
+        .add_states
+        .iter()
+        .cloned()
+        .partition(|s| readd.contains(&s.id));
+    let mut added: Vec<SaId> = Vec::with_capacity(plan.add_states.len());
+    if let Err(source) = install_batches(x, &fresh, &mut added).await {
+        let rolled_back = roll_back(x, &added).await;
+        return Err(ApplyError::RolledBack {
+            source,
+            rolled_back,
+        });
+    }
+    let first = again.len().min(1);
+    let mut readded: Vec<SaId> = Vec::with_capacity(again.len());
+    for batch in [&again[..first], &again[first..]] {
+        for sa in batch {
+            x.delete_state(&sa.id).await.map_err(ApplyError::Partial)?;
+            stats.states_deleted += 1;
+        }
+        if let Err(source) = install_batches(x, batch, &mut readded).await {
+            let rolled_back = roll_back(x, &added).await;
+            return Err(ApplyError::ReplaceFailed {
                 source,
+                lost: stats.states_deleted - readded.len(),
                 rolled_back,
             });
         }
     }
+    added.extend(readded);
     stats.states_added = added.len();
     for r in x.install_policies(&plan.set_policies).await {
         r.map_err(ApplyError::Partial)?;

@@ -5,8 +5,10 @@
 //!  enrollment::watch ─► KubeNode::on_enrollment ─► decide ─┬─ Start   ─► Dataplane::start ─► sync
 //!                                                          ├─ Drain   ─► teardown ─► status Drained
 //!                                                          ├─ Release ─► teardown ─► finalizer off
+//!                              (teardown: own xfrm objects first, then the data plane)
 //!                                                          └─ Serve / Wait / KeepUnreported
 //!  run loop sync result ─► KubeNode::after_sync ─► status::build ─► StatusWriter (on change)
+//!  IPsec task report ─────► KubeNode::on_ipsec ──┘ (status.ipsec, IPsecReady)
 //! ```
 //!
 //! How the agent starts with `--kubernetes`: when pins exist the data plane is adopted at once

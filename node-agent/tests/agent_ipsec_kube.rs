@@ -262,10 +262,15 @@ async fn a_rotation_installs_inbound_first_switches_on_active_spi_and_retires_af
     )
     .await;
     policy_status(&admin, "Installing", A, Some(B)).await;
+    let t = Instant::now();
     wait_all(&cluster, &nodes, "B installed, A active", |_, ne| {
         acked(ne, &[A, B], A, 2)
     })
     .await;
+    eprintln!(
+        "Installing: Secret + status written → 3 acks: {} ms",
+        t.elapsed().as_millis()
+    );
 
     // activeSPI on a generation that is not published: nothing changes.
     let before: Vec<usize> = nodes.iter().map(|n| n.recording().calls.len()).collect();
@@ -297,7 +302,12 @@ async fn a_rotation_installs_inbound_first_switches_on_active_spi_and_retires_af
     let retire_at: Vec<usize> = nodes.iter().map(|n| n.recording().calls.len()).collect();
     publish_secret(&admin, &[(B, IPsecAlgorithm::CbcAesHmacSha256)]).await;
     policy_status(&admin, "Retiring", B, Some(A)).await;
+    let t = Instant::now();
     wait_all(&cluster, &nodes, "A retired", |_, ne| acked(ne, &[B], B, 2)).await;
+    eprintln!(
+        "Retiring: Secret + status written → 3 acks: {} ms",
+        t.elapsed().as_millis()
+    );
     policy_status(&admin, "Stable", B, None).await;
 
     for (i, node) in nodes.iter().enumerate() {

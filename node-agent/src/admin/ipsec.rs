@@ -155,6 +155,10 @@ mod tests {
         assert!(err.contains("existing: a, b"), "{err}");
         let err = pick_policy(Some("c"), &two).expect_err("missing");
         assert!(err.contains("\"c\" not found (existing: a, b)"), "{err}");
-        assert!(pick_policy(None, &[]).expect_err("none").contains("none exist"));
+        assert!(
+            pick_policy(None, &[])
+                .expect_err("none")
+                .contains("none exist")
+        );
     }
 }

@@ -367,10 +367,7 @@ fn condition_of(e: &PassError) -> IpsecCondition {
         PassError::Apply(
             reconcile::ApplyError::RolledBack { source, .. }
             | reconcile::ApplyError::ReplaceFailed { source, .. },
-        ) if source.unavailable_algorithm().is_some() =>
-        {
-            reason::ALGORITHM_UNAVAILABLE
-        }
+        ) if source.unavailable_algorithm().is_some() => reason::ALGORITHM_UNAVAILABLE,
         _ => reason::XFRM_FAILED,
     };
     IpsecCondition {

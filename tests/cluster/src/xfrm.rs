@@ -290,7 +290,10 @@ pub fn check_rotation_order(
             }
             Call::InstallPolicy(_) => {}
             Call::DeletePolicy(id) => {
-                return Err(format!("call {i}: deleted the policy {} -> {}", id.src, id.dst));
+                return Err(format!(
+                    "call {i}: deleted the policy {} -> {}",
+                    id.src, id.dst
+                ));
             }
         }
     }

@@ -13,14 +13,16 @@
 //!  finally: no key bytes in kubectl output, Events or pod logs
 //! ```
 
+#[path = "support/ipsec.rs"]
+mod ipsec;
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+use ipsec::*;
 use meshlet_local_cluster::xfrm::{self, REFUSE_ENV};
 use meshlet_local_cluster::{ClusterOptions, Signal};
-use support::ipsec::*;
 use support::mesh::*;
 use support::*;
 
@@ -87,7 +89,10 @@ async fn key_rotation_moves_phase_by_phase_on_acks_without_a_drop_window() {
         "v0.1.0",
     )
     .await;
-    println!("installed, 3 nodes Ready after {} ms", t0.elapsed().as_millis());
+    println!(
+        "installed, 3 nodes Ready after {} ms",
+        t0.elapsed().as_millis()
+    );
     for n in cluster.nodes() {
         assert_eq!(
             cluster.node_env(&n.name).expect("env").get(xfrm::XFRM_ENV),
@@ -107,7 +112,10 @@ async fn key_rotation_moves_phase_by_phase_on_acks_without_a_drop_window() {
     );
     assert_eq!(keys.collect(&cluster).await, BTreeSet::from([a]));
     let (ok, table, err) = kubectl(&cluster, &["get", "ipsecpolicy"]).await;
-    assert!(ok && table.contains(POLICY) && table.contains("Stable"), "{table}{err}");
+    assert!(
+        ok && table.contains(POLICY) && table.contains("Stable"),
+        "{table}{err}"
+    );
     println!("{table}");
 
     // Rotation 1, undisturbed: every phase, in order, through the API.
@@ -119,9 +127,12 @@ async fn key_rotation_moves_phase_by_phase_on_acks_without_a_drop_window() {
     let requested = Instant::now();
     request_rotation(&cluster, "1").await;
     let stable = log
-        .wait("Stable after rotation 1", start_events, PHASE_TIMEOUT, |e| {
-            e.phase == "Stable" && e.active.is_some_and(|s| s != a)
-        })
+        .wait(
+            "Stable after rotation 1",
+            start_events,
+            PHASE_TIMEOUT,
+            |e| e.phase == "Stable" && e.active.is_some_and(|s| s != a),
+        )
         .await;
     let events = log.events()[start_events..=stable].to_vec();
     let b = events.last().and_then(|e| e.active).expect("new activeSPI");
@@ -174,7 +185,10 @@ async fn key_rotation_moves_phase_by_phase_on_acks_without_a_drop_window() {
         "a node sent on a generation its peer could not receive during rotation 1: {:#?}",
         report.violations
     );
-    println!("rotation 1: {} samples of every node's xfrm state, no drop window", report.samples);
+    println!(
+        "rotation 1: {} samples of every node's xfrm state, no drop window",
+        report.samples
+    );
     keys.collect(&cluster).await;
 
     // Rotation 2, disturbed. Node-2's agent is frozen so the rotation cannot leave Installing.
@@ -193,7 +207,9 @@ async fn key_rotation_moves_phase_by_phase_on_acks_without_a_drop_window() {
             |e| e.phase == "Installing" && e.acks["installed"] == 2,
         )
         .await;
-    let c = log.events()[held].pending.expect("pendingSPI while Installing");
+    let c = log.events()[held]
+        .pending
+        .expect("pendingSPI while Installing");
     assert_ne!(c, b);
     assert_eq!(log.events()[held].active, Some(b));
 
@@ -203,7 +219,11 @@ async fn key_rotation_moves_phase_by_phase_on_acks_without_a_drop_window() {
     let (pod1, pid1) = agent_on(&cluster, "node-1").await;
     let at_kill = node1.read();
     assert_eq!(
-        at_kill.inbound(node1.ip).values().cloned().collect::<Vec<_>>(),
+        at_kill
+            .inbound(node1.ip)
+            .values()
+            .cloned()
+            .collect::<Vec<_>>(),
         vec![BTreeSet::from([b, c]); 2],
         "node-1 installed the new generation before the kill"
     );
@@ -211,14 +231,18 @@ async fn key_rotation_moves_phase_by_phase_on_acks_without_a_drop_window() {
         .kill_container(NS, &pod1, "agent", Signal::SIGKILL)
         .expect("kill node-1's agent");
     let killed = Instant::now();
-    eventually("node-1's agent to restart", Duration::from_secs(60), || async {
-        let (_, pid) = agent_on(&cluster, "node-1").await;
-        let p = pods(&cluster, NS, "app.kubernetes.io/name=meshlet-agent")
-            .await
-            .into_iter()
-            .find(|p| name_of(p) == pod1)?;
-        (pid != pid1 && ready(&p)).then_some(())
-    })
+    eventually(
+        "node-1's agent to restart",
+        Duration::from_secs(60),
+        || async {
+            let (_, pid) = agent_on(&cluster, "node-1").await;
+            let p = pods(&cluster, NS, "app.kubernetes.io/name=meshlet-agent")
+                .await
+                .into_iter()
+                .find(|p| name_of(p) == pod1)?;
+            (pid != pid1 && ready(&p)).then_some(())
+        },
+    )
     .await;
     let restarted_ms = killed.elapsed().as_millis();
     // Let the restarted agent reconcile, then compare.
@@ -226,19 +250,29 @@ async fn key_rotation_moves_phase_by_phase_on_acks_without_a_drop_window() {
     let after_restart = node1.read();
     let readds: Vec<_> = after_restart.calls[at_kill.calls.len()..]
         .iter()
-        .filter(|c| matches!(c, xfrm::Call::InstallState(..) | xfrm::Call::DeleteState(..)))
+        .filter(|c| {
+            matches!(
+                c,
+                xfrm::Call::InstallState(..) | xfrm::Call::DeleteState(..)
+            )
+        })
         .collect();
     assert!(
         readds.is_empty(),
         "node-1's restarted agent changed SAs it should have adopted: {readds:?}"
     );
-    assert_eq!(after_restart.states, at_kill.states, "node-1's SAs across its agent restart");
+    assert_eq!(
+        after_restart.states, at_kill.states,
+        "node-1's SAs across its agent restart"
+    );
     assert_eq!(
         after_restart.sending(node1.ip),
         at_kill.sending(node1.ip),
         "node-1's policies across its agent restart"
     );
-    println!("node-1's agent killed mid-rotation: back and Ready in {restarted_ms} ms, no SA re-added");
+    println!(
+        "node-1's agent killed mid-rotation: back and Ready in {restarted_ms} ms, no SA re-added"
+    );
 
     // A node joins mid-rotation, its agent refuses the algorithm: Stalled, naming it.
     let mut refuse = BTreeMap::new();
@@ -263,7 +297,10 @@ async fn key_rotation_moves_phase_by_phase_on_acks_without_a_drop_window() {
         )
         .await;
     let stalled_event = log.events()[stalled].clone();
-    println!("while node-4 refuses {GCM}: Stalled {:?}", stalled_event.stalled);
+    println!(
+        "while node-4 refuses {GCM}: Stalled {:?}",
+        stalled_event.stalled
+    );
     assert!(
         stalled_event
             .stalled
@@ -272,8 +309,14 @@ async fn key_rotation_moves_phase_by_phase_on_acks_without_a_drop_window() {
         "the Stalled condition names the reason: {stalled_event:?}"
     );
     assert_eq!(stalled_event.phase, "Installing", "{stalled_event:?}");
-    let ne4 = enrollments(&cluster).await.get("node-4").cloned().expect("node-4 enrolled");
-    let cond = condition_of(&ne4, "IPsecReady").cloned().unwrap_or_default();
+    let ne4 = enrollments(&cluster)
+        .await
+        .get("node-4")
+        .cloned()
+        .expect("node-4 enrolled");
+    let cond = condition_of(&ne4, "IPsecReady")
+        .cloned()
+        .unwrap_or_default();
     assert_eq!(
         (cond["status"].as_str(), cond["reason"].as_str()),
         (Some("False"), Some("AlgorithmUnavailable")),
@@ -329,9 +372,12 @@ async fn key_rotation_moves_phase_by_phase_on_acks_without_a_drop_window() {
         .kill_container(NS, &pod4, "agent", Signal::SIGKILL)
         .expect("restart node-4's agent");
     let done = log
-        .wait("Stable after rotation 2", held, Duration::from_secs(120), |e| {
-            e.phase == "Stable" && e.active == Some(c)
-        })
+        .wait(
+            "Stable after rotation 2",
+            held,
+            Duration::from_secs(120),
+            |e| e.phase == "Stable" && e.active == Some(c),
+        )
         .await;
     let events = log.events()[start_events..=done].to_vec();
     let seq = phase_sequence(&events);
@@ -351,7 +397,10 @@ async fn key_rotation_moves_phase_by_phase_on_acks_without_a_drop_window() {
         .find(|e| e.phase == "Switching")
         .expect("Switching");
     assert_eq!(
-        (switching.acks["selected"].as_i64(), switching.acks["installed"].as_i64()),
+        (
+            switching.acks["selected"].as_i64(),
+            switching.acks["installed"].as_i64()
+        ),
         (Some(4), Some(4)),
         "the rotation switched before node-4 installed: {:?}",
         switching.acks
@@ -360,7 +409,11 @@ async fn key_rotation_moves_phase_by_phase_on_acks_without_a_drop_window() {
         events[events.len() - 1].stalled.is_none(),
         "still Stalled after node-4 recovered"
     );
-    let rotation2 = phase_timings("rotation 2 (node-2 frozen, node-4 joining)", requested, &seq);
+    let rotation2 = phase_timings(
+        "rotation 2 (node-2 frozen, node-4 joining)",
+        requested,
+        &seq,
+    );
     wait_converged(&cluster, &[c], c).await;
     let report = sampler.stop().await;
     assert!(
@@ -371,7 +424,11 @@ async fn key_rotation_moves_phase_by_phase_on_acks_without_a_drop_window() {
     assert_order(&original, &before, b, c);
     // Node-4 held both generations from every original peer before the old one retired.
     let all = peers(&cluster);
-    let p4 = all.iter().find(|p| p.name == "node-4").expect("node-4").clone();
+    let p4 = all
+        .iter()
+        .find(|p| p.name == "node-4")
+        .expect("node-4")
+        .clone();
     let r4 = p4.read();
     for o in &original {
         for g in [b, c] {

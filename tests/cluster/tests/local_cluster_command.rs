@@ -48,6 +48,13 @@ async fn up_prints_a_kubeconfig_with_ready_nodes_and_down_leaves_nothing_behind(
     assert_eq!(code, 0, "up failed: {out}");
     let kubeconfig = dir.join("kubeconfig");
     assert!(
+        out.contains(&format!(
+            "IPsec: agents record xfrm state in {}/<node>/xfrm.json",
+            dir.display()
+        )),
+        "up says the agents record xfrm state instead of using the kernel: {out}"
+    );
+    assert!(
         out.contains(&format!("export KUBECONFIG={}", kubeconfig.display())),
         "up prints the KUBECONFIG to export: {out}"
     );

@@ -1,6 +1,7 @@
 //! IPsec on the local cluster: the policy as a user applies it, its status seen through a
 //! watch, every node's recorded xfrm state, and the key bytes the operator published (to prove
-//! they show up nowhere else).
+//! they show up nowhere else). Included by the IPsec tests only (`#[path]`), so its unit tests
+//! run once.
 //!
 //! ```text
 //!  kubectl apply / annotate ──► IPsecPolicy ──► operator ──► Secret meshlet-ipsec-key
@@ -25,8 +26,8 @@ use meshlet_local_cluster::xfrm::{self, Recording};
 use meshlet_local_cluster::{LocalCluster, SimNode};
 use serde_json::Value;
 
-use super::mesh::{NS, enrollments, logs, resource};
-use super::*;
+use crate::support::mesh::{NS, condition, condition_of, enrollments, logs, resource};
+use crate::support::*;
 
 /// Name of the policy of these tests.
 pub const POLICY: &str = "node-to-node";
@@ -96,11 +97,7 @@ pub async fn wait_stable(cluster: &LocalCluster, not: Option<u32>, timeout: Dura
     loop {
         let p = policy(cluster).await;
         let (phase, active, _) = phase_of(&p);
-        if phase == "Stable"
-            && active.is_some()
-            && active != not
-            && super::mesh::condition(&p, "Ready")
-        {
+        if phase == "Stable" && active.is_some() && active != not && condition(&p, "Ready") {
             return active.unwrap_or_default();
         }
         assert!(
@@ -187,13 +184,13 @@ pub async fn wait_converged(cluster: &LocalCluster, inbound: &[u32], sending: u3
             let acked = installed_spis(&ne);
             if acked != want
                 || ne["status"]["ipsec"]["activeSPI"].as_u64() != Some(u64::from(sending))
-                || !super::mesh::condition(&ne, "IPsecReady")
+                || !condition(&ne, "IPsecReady")
             {
                 gaps.push(format!(
                     "{}: status.ipsec {} IPsecReady {:?}",
                     n.name,
                     ne["status"]["ipsec"],
-                    super::mesh::condition_of(&ne, "IPsecReady")
+                    condition_of(&ne, "IPsecReady")
                 ));
             }
         }
@@ -213,7 +210,11 @@ pub async fn wait_converged(cluster: &LocalCluster, inbound: &[u32], sending: u3
 pub fn installed_spis(ne: &Value) -> BTreeSet<u32> {
     ne["status"]["ipsec"]["installedSPIs"]
         .as_array()
-        .map(|a| a.iter().filter_map(|v| v.as_u64().map(|v| v as u32)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_u64().map(|v| v as u32))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -253,7 +254,7 @@ impl PhaseLog {
                 let Ok(Some(obj)) = ev else { continue };
                 let v = serde_json::to_value(&obj).unwrap_or(Value::Null);
                 let (phase, active, pending) = phase_of(&v);
-                let stalled = super::mesh::condition_of(&v, "Stalled")
+                let stalled = condition_of(&v, "Stalled")
                     .filter(|c| c["status"] == "True")
                     .map(|c| format!("{}: {}", c["reason"], c["message"]));
                 let e = PhaseEvent {
@@ -440,7 +441,10 @@ impl PublishedKeys {
     /// Adds the keys the Secret publishes now; the generations it publishes.
     pub async fn collect(&mut self, cluster: &LocalCluster) -> BTreeSet<u32> {
         let api: Api<Secret> = Api::namespaced(cluster.client(), NS);
-        let s = api.get(KEY_SECRET).await.expect("get the published key Secret");
+        let s = api
+            .get(KEY_SECRET)
+            .await
+            .expect("get the published key Secret");
         let mut gens = BTreeSet::new();
         for (name, v) in s.data.unwrap_or_default() {
             let mut parts = name.rsplitn(3, '.');
@@ -536,7 +540,10 @@ pub async fn visible_text(cluster: &LocalCluster) -> Vec<(String, Vec<u8>)> {
     }
     for p in files {
         if p.extension().is_some_and(|x| x == "log") {
-            out.push((p.display().to_string(), std::fs::read(&p).unwrap_or_default()));
+            out.push((
+                p.display().to_string(),
+                std::fs::read(&p).unwrap_or_default(),
+            ));
         }
     }
     out
@@ -569,12 +576,20 @@ mod tests {
         let mut states: Vec<State> = inbound
             .iter()
             .map(|g| State {
-                id: SaId { src: b, dst: a, spi: *g },
+                id: SaId {
+                    src: b,
+                    dst: a,
+                    spi: *g,
+                },
                 reqid: reqid(*g),
             })
             .collect();
         states.push(State {
-            id: SaId { src: a, dst: b, spi: sending + 1000 },
+            id: SaId {
+                src: a,
+                dst: b,
+                spi: sending + 1000,
+            },
             reqid: reqid(sending),
         });
         Recording {
@@ -608,6 +623,9 @@ mod tests {
         k.keys.insert("p.256.key".into(), key.clone());
         assert!(k.leaks(b"nothing here").is_empty());
         assert_eq!(k.leaks(base64(&key).as_bytes()), ["p.256.key (base64)"]);
-        assert_eq!(k.leaks(b"[1, 2, 3, 4, 5, 6, 7, 8, 9]"), ["p.256.key (byte list)"]);
+        assert_eq!(
+            k.leaks(b"[1, 2, 3, 4, 5, 6, 7, 8, 9]"),
+            ["p.256.key (byte list)"]
+        );
     }
 }

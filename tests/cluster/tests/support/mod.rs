@@ -1,7 +1,6 @@
 //! Shared helpers of the local-cluster tests: prerequisites, the real `kubectl`, polling.
 #![allow(dead_code)]
 
-pub mod ipsec;
 pub mod mesh;
 
 use std::future::Future;

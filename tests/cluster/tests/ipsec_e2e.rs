@@ -74,6 +74,22 @@ fn assert_order(
                 &r.calls[from..]
             );
         }
+        // The order check saw the rotation happen on this node, not an empty log.
+        let moves = r.calls[from..]
+            .iter()
+            .filter(|c| matches!(c, xfrm::Call::InstallPolicy(s) if xfrm::generation_of(s.reqid) == Some(new)))
+            .count();
+        let deletes = r.calls[from..]
+            .iter()
+            .filter(
+                |c| matches!(c, xfrm::Call::DeleteState(id) if states.iter().any(|s| s.id == *id)),
+            )
+            .count();
+        assert!(
+            moves >= 2 && deletes >= 4,
+            "{}: rotation {old} -> {new} moved {moves} policies and deleted {deletes} old SAs",
+            p.name
+        );
     }
 }
 

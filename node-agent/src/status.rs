@@ -206,8 +206,8 @@ pub fn build(
             .collect(),
         continuity: continuity.cloned().or_else(|| base.continuity.clone()),
         ipsec: match &obs.ipsec {
-            Some(r) => r.status.clone(),
-            None => base.ipsec.clone(),
+            Some(r) if !r.keep_status => r.status.clone(),
+            _ => base.ipsec.clone(),
         },
     };
     let c = &mut st.conditions;

@@ -409,7 +409,9 @@ fn a_refused_algorithm_on_a_new_generation_leaves_a_changed_old_one_untouched() 
         for k in &mut bad.keys {
             k.algorithm = Algorithm::ChaCha20Poly1305;
         }
-        let err = reconcile_once(&mut x, Some(&bad)).await.expect_err("refused");
+        let err = reconcile_once(&mut x, Some(&bad))
+            .await
+            .expect_err("refused");
         assert!(err.to_string().contains("nothing was changed"), "{err}");
         assert_eq!(x.states, before.states);
         assert_eq!(x.policies, before.policies);
@@ -426,7 +428,9 @@ fn a_refused_replacement_costs_one_sa_and_says_so() {
         x.missing = vec![Algorithm::ChaCha20Poly1305];
         let mut bad = cfg(3, &[1], Some(1));
         bad.keys[0].algorithm = Algorithm::ChaCha20Poly1305;
-        let err = reconcile_once(&mut x, Some(&bad)).await.expect_err("refused");
+        let err = reconcile_once(&mut x, Some(&bad))
+            .await
+            .expect_err("refused");
         match &err {
             meshlet_agent::ipsec::runner::PassError::Apply(ApplyError::ReplaceFailed {
                 lost,
@@ -434,7 +438,10 @@ fn a_refused_replacement_costs_one_sa_and_says_so() {
             }) => assert_eq!(*lost, 1),
             other => panic!("unexpected {other}"),
         }
-        assert!(err.to_string().contains("1 of its SAs are removed"), "{err}");
+        assert!(
+            err.to_string().contains("1 of its SAs are removed"),
+            "{err}"
+        );
         assert_eq!(x.states.len(), 3, "only the first replaced SA is gone");
     });
 }

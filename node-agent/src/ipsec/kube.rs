@@ -85,6 +85,9 @@ pub struct IpsecReport {
     pub status: Option<IPsecNodeStatus>,
     /// `IPsecReady`.
     pub condition: Option<IpsecCondition>,
+    /// Leave `status.ipsec` as it is (xfrm was not changed or could not be read): the acks
+    /// written before, possibly by an earlier agent process, still hold.
+    pub keep_status: bool,
 }
 
 /// The objects the decision reads.
@@ -539,8 +542,7 @@ impl KubeIpsec {
                         }
                         reported_skips = now;
                     }
-                    let prev = tx.borrow().clone();
-                    let (report, retry) = self.act(&decision, last_decision.as_ref(), prev.as_ref()).await;
+                    let (report, retry) = self.act(&decision, last_decision.as_ref()).await;
                     last_decision = Some(decision);
                     if let Some(report) = report {
                         tx.send_if_modified(|cur| {
@@ -592,12 +594,7 @@ impl KubeIpsec {
 
     /// Carry out a decision; returns the report (`None`: leave the last one) and whether to
     /// try again after [`RETRY`].
-    async fn act(
-        &self,
-        d: &Decision,
-        last: Option<&Decision>,
-        prev: Option<&IpsecReport>,
-    ) -> (Option<IpsecReport>, bool) {
+    async fn act(&self, d: &Decision, last: Option<&Decision>) -> (Option<IpsecReport>, bool) {
         let mut guard = self.xfrm.lock().await;
         let fenced = guard.unenrolled;
         let slot = &mut guard.backend;
@@ -654,7 +651,8 @@ impl KubeIpsec {
                 // The acks stay what they were: nothing changed in xfrm.
                 (
                     Some(IpsecReport {
-                        status: prev.and_then(|p| p.status.clone()),
+                        status: None,
+                        keep_status: true,
                         condition: Some(IpsecCondition {
                             status: Status::False,
                             reason,
@@ -676,6 +674,7 @@ impl KubeIpsec {
                                 reason: reason::XFRM_FAILED,
                                 message: e.to_string(),
                             }),
+                            keep_status: true,
                         };
                         return (Some(report), true);
                     }
@@ -701,6 +700,7 @@ impl KubeIpsec {
                             Some(IpsecReport {
                                 status: Some(st),
                                 condition: Some(cond),
+                                keep_status: false,
                             }),
                             false,
                         )
@@ -710,6 +710,7 @@ impl KubeIpsec {
                         let st = obs.ok().map(|o| node_status(policy, cfg, &o, false));
                         (
                             Some(IpsecReport {
+                                keep_status: st.is_none(),
                                 status: st,
                                 condition: Some(condition_of(&e)),
                             }),

@@ -420,6 +420,116 @@ fn applied_condition(cfg: &IpsecConfig, st: &IPsecNodeStatus) -> IpsecCondition 
     }
 }
 
+/// Remove the own xfrm objects (no policy, not enrolled, or fenced by the unenroll path).
+async fn act_remove(
+    slot: &mut Option<Backend>,
+    last: Option<&Decision>,
+) -> (Option<IpsecReport>, bool) {
+    let first = last.is_none();
+    let had_policy = last.is_some_and(|l| !matches!(l, Decision::Remove));
+    match ensure(slot).await {
+        Ok(x) => match reconcile_once(x, None).await {
+            Ok(stats) => {
+                if stats.states_deleted + stats.policies_deleted > 0 {
+                    info!(
+                        states_deleted = stats.states_deleted,
+                        policies_deleted = stats.policies_deleted,
+                        "IPsec: no policy for this node; own xfrm objects removed"
+                    );
+                }
+                (Some(IpsecReport::default()), false)
+            }
+            Err(e) => {
+                error!(error = %e, "IPsec: removing the own xfrm objects failed");
+                (Some(IpsecReport::default()), true)
+            }
+        },
+        Err(e) if first || !had_policy => {
+            debug!(error = %e, "IPsec: xfrm unavailable; no policy selects this node");
+            (Some(IpsecReport::default()), false)
+        }
+        Err(e) => {
+            error!(error = %e, "IPsec: xfrm unavailable; cannot remove own objects");
+            (Some(IpsecReport::default()), true)
+        }
+    }
+}
+
+/// Reconcile to `cfg` and read the acks back from xfrm.
+async fn act_apply(
+    slot: &mut Option<Backend>,
+    policy: &str,
+    cfg: &IpsecConfig,
+    last_error: &mut Option<String>,
+) -> (Option<IpsecReport>, bool) {
+    let x = match ensure(slot).await {
+        Ok(x) => x,
+        Err(e) => {
+            error!(error = %e, "IPsec unavailable");
+            let report = IpsecReport {
+                status: None,
+                condition: Some(IpsecCondition {
+                    status: Status::False,
+                    reason: reason::XFRM_FAILED,
+                    message: e.to_string(),
+                }),
+                keep_status: true,
+            };
+            return (Some(report), true);
+        }
+    };
+    let result = reconcile_once(x, Some(cfg)).await;
+    let observed = x.list_own().await;
+    match (result, observed) {
+        (Ok(stats), Ok(obs)) => {
+            *last_error = None;
+            if stats != reconcile::ApplyStats::default() {
+                info!(
+                    policy = %policy,
+                    states_added = stats.states_added,
+                    states_deleted = stats.states_deleted,
+                    policies_set = stats.policies_set,
+                    policies_deleted = stats.policies_deleted,
+                    duration_us = stats.duration.as_micros() as u64,
+                    "IPsec synced"
+                );
+            }
+            let st = node_status(policy, cfg, &obs, true);
+            let cond = applied_condition(cfg, &st);
+            (
+                Some(IpsecReport {
+                    status: Some(st),
+                    condition: Some(cond),
+                    keep_status: false,
+                }),
+                false,
+            )
+        }
+        (Err(e), obs) => {
+            let msg = e.to_string();
+            if last_error.as_deref() == Some(msg.as_str()) {
+                debug!(policy = %policy, error = %msg, "IPsec apply failed again; retrying");
+            } else {
+                error!(policy = %policy, error = %msg, "IPsec apply failed; retrying every 5 s");
+                *last_error = Some(msg);
+            }
+            let st = obs.ok().map(|o| node_status(policy, cfg, &o, false));
+            (
+                Some(IpsecReport {
+                    keep_status: st.is_none(),
+                    status: st,
+                    condition: Some(condition_of(&e)),
+                }),
+                true,
+            )
+        }
+        (Ok(_), Err(e)) => {
+            error!(error = %e, "IPsec: listing xfrm after the apply failed; retrying");
+            (None, true)
+        }
+    }
+}
+
 /// Inputs of the task.
 pub struct KubeIpsec {
     /// API client (the agent's ServiceAccount).
@@ -505,6 +615,7 @@ impl KubeIpsec {
         let mut caches = Caches::default();
         let mut due: Option<tokio::time::Instant> = None;
         let mut last_decision: Option<Decision> = None;
+        let mut last_error: Option<String> = None;
         let mut reported_skips: BTreeSet<String> = BTreeSet::new();
         loop {
             tokio::select! {
@@ -542,7 +653,7 @@ impl KubeIpsec {
                         }
                         reported_skips = now;
                     }
-                    let (report, retry) = self.act(&decision, last_decision.as_ref()).await;
+                    let (report, retry) = self.act(&decision, last_decision.as_ref(), &mut last_error).await;
                     last_decision = Some(decision);
                     if let Some(report) = report {
                         tx.send_if_modified(|cur| {
@@ -594,7 +705,12 @@ impl KubeIpsec {
 
     /// Carry out a decision; returns the report (`None`: leave the last one) and whether to
     /// try again after [`RETRY`].
-    async fn act(&self, d: &Decision, last: Option<&Decision>) -> (Option<IpsecReport>, bool) {
+    async fn act(
+        &self,
+        d: &Decision,
+        last: Option<&Decision>,
+        last_error: &mut Option<String>,
+    ) -> (Option<IpsecReport>, bool) {
         let mut guard = self.xfrm.lock().await;
         let fenced = guard.unenrolled;
         let slot = &mut guard.backend;
@@ -604,36 +720,7 @@ impl KubeIpsec {
             d => d,
         };
         match d {
-            Decision::Remove => {
-                let first = last.is_none();
-                let had_policy = last.is_some_and(|l| !matches!(l, Decision::Remove));
-                match ensure(slot).await {
-                    Ok(x) => match reconcile_once(x, None).await {
-                        Ok(stats) => {
-                            if stats.states_deleted + stats.policies_deleted > 0 {
-                                info!(
-                                    states_deleted = stats.states_deleted,
-                                    policies_deleted = stats.policies_deleted,
-                                    "IPsec: no policy for this node; own xfrm objects removed"
-                                );
-                            }
-                            (Some(IpsecReport::default()), false)
-                        }
-                        Err(e) => {
-                            error!(error = %e, "IPsec: removing the own xfrm objects failed");
-                            (Some(IpsecReport::default()), true)
-                        }
-                    },
-                    Err(e) if first || !had_policy => {
-                        debug!(error = %e, "IPsec: xfrm unavailable; no policy selects this node");
-                        (Some(IpsecReport::default()), false)
-                    }
-                    Err(e) => {
-                        error!(error = %e, "IPsec: xfrm unavailable; cannot remove own objects");
-                        (Some(IpsecReport::default()), true)
-                    }
-                }
-            }
+            Decision::Remove => act_remove(slot, last).await,
             Decision::Hold { why, .. } => {
                 if last != Some(d) {
                     info!(reason = %why, "IPsec: view inconsistent; xfrm kept as it is");
@@ -662,67 +749,7 @@ impl KubeIpsec {
                     false,
                 )
             }
-            Decision::Apply { policy, cfg, .. } => {
-                let x = match ensure(slot).await {
-                    Ok(x) => x,
-                    Err(e) => {
-                        error!(error = %e, "IPsec unavailable");
-                        let report = IpsecReport {
-                            status: None,
-                            condition: Some(IpsecCondition {
-                                status: Status::False,
-                                reason: reason::XFRM_FAILED,
-                                message: e.to_string(),
-                            }),
-                            keep_status: true,
-                        };
-                        return (Some(report), true);
-                    }
-                };
-                let result = reconcile_once(x, Some(cfg)).await;
-                let observed = x.list_own().await;
-                match (result, observed) {
-                    (Ok(stats), Ok(obs)) => {
-                        if stats != reconcile::ApplyStats::default() {
-                            info!(
-                                policy = %policy,
-                                states_added = stats.states_added,
-                                states_deleted = stats.states_deleted,
-                                policies_set = stats.policies_set,
-                                policies_deleted = stats.policies_deleted,
-                                duration_us = stats.duration.as_micros() as u64,
-                                "IPsec synced"
-                            );
-                        }
-                        let st = node_status(policy, cfg, &obs, true);
-                        let cond = applied_condition(cfg, &st);
-                        (
-                            Some(IpsecReport {
-                                status: Some(st),
-                                condition: Some(cond),
-                                keep_status: false,
-                            }),
-                            false,
-                        )
-                    }
-                    (Err(e), obs) => {
-                        error!(policy = %policy, error = %e, "IPsec apply failed; retrying");
-                        let st = obs.ok().map(|o| node_status(policy, cfg, &o, false));
-                        (
-                            Some(IpsecReport {
-                                keep_status: st.is_none(),
-                                status: st,
-                                condition: Some(condition_of(&e)),
-                            }),
-                            true,
-                        )
-                    }
-                    (Ok(_), Err(e)) => {
-                        error!(error = %e, "IPsec: listing xfrm after the apply failed; retrying");
-                        (None, true)
-                    }
-                }
-            }
+            Decision::Apply { policy, cfg, .. } => act_apply(slot, policy, cfg, last_error).await,
         }
     }
 }

@@ -483,7 +483,12 @@ async fn act_apply(
     match (result, observed) {
         (Ok(stats), Ok(obs)) => {
             *last_error = None;
-            if stats != reconcile::ApplyStats::default() {
+            if stats.states_added
+                + stats.states_deleted
+                + stats.policies_set
+                + stats.policies_deleted
+                > 0
+            {
                 info!(
                     policy = %policy,
                     states_added = stats.states_added,
@@ -714,11 +719,12 @@ impl KubeIpsec {
         let mut guard = self.xfrm.lock().await;
         let fenced = guard.unenrolled;
         let slot = &mut guard.backend;
-        let remove = Decision::Remove;
-        let d = match d {
-            Decision::Apply { .. } if fenced => &remove,
-            d => d,
-        };
+        if fenced && matches!(d, Decision::Apply { .. }) {
+            // The unenroll path removed everything and the view has not caught up yet (or
+            // the node is enrolled again and the fence is about to be lifted): look again.
+            let (report, _) = act_remove(slot, last).await;
+            return (report, true);
+        }
         match d {
             Decision::Remove => act_remove(slot, last).await,
             Decision::Hold { why, .. } => {

@@ -97,6 +97,9 @@ struct History {
     tasks: Vec<JoinHandle<()>>,
 }
 
+/// Phase, activeSPI and pendingSPI of one status version.
+type PhaseSpis = (RotationPhase, Option<i64>, Option<i64>);
+
 #[derive(Debug, Clone, PartialEq)]
 enum Seen {
     Policy(RotationPhase, Option<i64>, Option<i64>),
@@ -164,10 +167,10 @@ impl History {
 
     /// Distinct (phase, active, pending) in order, and every moment where the status named a
     /// generation nodes must hold inbound SAs for that the Secret did not publish.
-    fn check(&self) -> (Vec<(RotationPhase, Option<i64>, Option<i64>)>, Vec<String>) {
+    fn check(&self) -> (Vec<PhaseSpis>, Vec<String>) {
         let mut events = self.seen.lock().expect("history").clone();
         events.sort_by_key(|(rv, _)| *rv);
-        let mut phases: Vec<(RotationPhase, Option<i64>, Option<i64>)> = Vec::new();
+        let mut phases: Vec<PhaseSpis> = Vec::new();
         let mut violations = Vec::new();
         let (mut status, mut secret) = (None, BTreeSet::new());
         for (rv, e) in events {

@@ -350,13 +350,22 @@ async fn reconcile(ctx: &Context, stores: &Stores) -> Result<Duration, IpsecErro
     let next_due = decisions
         .iter()
         .filter_map(|(p, d)| decide::interval_due(p, &d.status))
+        .filter(|due| *due > now)
         .min();
-    let mut wait = ctx.settings.resync;
-    if let Some(due) = next_due {
-        let left = due.duration_since(now).as_secs_f64().max(0.0);
-        wait = wait.min(Duration::from_secs_f64(left) + Duration::from_millis(50));
+    Ok(requeue_after(ctx.settings.resync, next_due, now))
+}
+
+/// How long to sleep: until the next interval deadline (plus a little), at most `resync`.
+/// A deadline already past is one that could not fire (a rotation is running or the policy
+/// is stalled); watches wake the loop when that changes, so it does not shorten the sleep.
+fn requeue_after(resync: Duration, next_due: Option<Timestamp>, now: Timestamp) -> Duration {
+    match next_due {
+        Some(due) if due > now => {
+            let left = Duration::from_secs_f64(due.duration_since(now).as_secs_f64().max(0.0));
+            resync.min(left + Duration::from_millis(50))
+        }
+        _ => resync,
     }
-    Ok(wait)
 }
 
 /// Logs and counts what a decision does (never key bytes: SPIs, phases, counts).
@@ -499,5 +508,43 @@ async fn wait_for_caches(
             return;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_loop_sleeps_until_the_next_interval_deadline_but_never_spins_on_a_past_one() {
+        let now = Timestamp::from_second(1_000).expect("time");
+        let resync = Duration::from_secs(30);
+        let soon = Timestamp::from_second(1_005).expect("time");
+        assert_eq!(
+            requeue_after(resync, Some(soon), now),
+            Duration::from_millis(5_050)
+        );
+        let past = Timestamp::from_second(900).expect("time");
+        assert_eq!(requeue_after(resync, Some(past), now), resync);
+        assert_eq!(requeue_after(resync, None, now), resync);
+        let late = Timestamp::from_second(9_000).expect("time");
+        assert_eq!(requeue_after(resync, Some(late), now), resync);
+    }
+
+    #[test]
+    fn a_trimmed_node_keeps_only_labels_and_addresses() {
+        let mut node: Node = serde_json::from_value(json!({
+            "metadata": {"name": "n", "labels": {"a": "b"}, "annotations": {"x": "y"}},
+            "spec": {"podCIDR": "10.0.0.0/24"},
+            "status": {"addresses": [{"type": "InternalIP", "address": "10.1.1.1"}],
+                        "capacity": {"cpu": "2"}}
+        }))
+        .expect("node");
+        trim_node(&mut node);
+        let view = decide::node_view(&node);
+        assert_eq!(view.internal_ip.as_deref(), Some("10.1.1.1"));
+        assert_eq!(view.labels.get("a").map(String::as_str), Some("b"));
+        assert!(node.spec.is_none() && node.metadata.annotations.is_none());
+        assert!(node.status.and_then(|s| s.capacity).is_none());
     }
 }

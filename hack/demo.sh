@@ -202,10 +202,10 @@ ipsec_phase() {
 }
 # Waits until the policy is Stable on an SPI other than $1 and all 3 nodes send with it.
 wait_ipsec_stable() {
-  local not=$1 last="" now spi acked
+  local not=$1 quiet=${2:-} last="" now spi acked
   for _ in $(seq 1 300); do
     now=$(ipsec_phase)
-    if [ "$now" != "$last" ]; then printf '  ipsec: %s\n' "$now"; last=$now; fi
+    if [ "$now" != "$last" ] && [ -z "$quiet" ]; then printf '  ipsec: %s\n' "$now"; last=$now; fi
     spi=$("$KUBECTL" get ipsecpolicy node-to-node -o jsonpath='{.status.activeSPI}' 2>/dev/null || true)
     if [ "${now%% *}" = Stable ] && [ -n "$spi" ] && [ "$spi" != "$not" ]; then
       acked=$("$KUBECTL" get nodeenrollments -o jsonpath='{range .items[*]}{.status.ipsec.activeSPI}{"\n"}{end}' | grep -cx "$spi" || true)
@@ -241,9 +241,17 @@ show_ipsec
 OLD_SPI=$SPI
 
 say "rotating the key: kubectl annotate ipsecpolicy node-to-node meshlet.io/rotate=demo-1"
+# Every status write of the rotation, through a watch (polling could miss a short phase).
+"$KUBECTL" get ipsecpolicy node-to-node --watch-only -o jsonpath='{.status.phase} active={.status.activeSPI} pending={.status.pendingSPI} installed={.status.acks.installed}/{.status.acks.selected} switched={.status.acks.switched} retired={.status.acks.retired}{"\n"}' > "$WORK/ipsec-watch" 2>/dev/null &
+WATCH_PID=$!
+CLIENT_PIDS+=("$WATCH_PID")
+sleep 0.5
 t_rot=$(date +%s%N)
 "$KUBECTL" annotate --overwrite ipsecpolicy/node-to-node meshlet.io/rotate=demo-1
-wait_ipsec_stable "$OLD_SPI"
+wait_ipsec_stable "$OLD_SPI" quiet
+sleep 0.3
+kill "$WATCH_PID" 2>/dev/null || true
+uniq "$WORK/ipsec-watch" | sed 's/^/  ipsec: /'
 echo "rotated SPI $OLD_SPI -> $SPI in $(( ($(date +%s%N) - t_rot) / 1000000 )) ms: Installing (new inbound SAs everywhere) -> Switching (outbound moves) -> Retiring (old SAs deleted) -> Stable"
 show_ipsec
 

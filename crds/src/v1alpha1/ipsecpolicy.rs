@@ -61,8 +61,16 @@ pub struct IPsecPolicySpec {
     /// ESP algorithm.
     #[serde(default)]
     pub algorithm: IPsecAlgorithm,
-    /// Secret holding the pre-shared key (`key`). Absent: the operator generates one.
+    /// Secret in `meshlet-system` holding the pre-shared key under `key` (at least 16 bytes).
+    /// Absent: the operator generates a 256-bit key for every rotation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "!has(self.__namespace__) || self.__namespace__ == 'meshlet-system'",
+        "message": "namespace must be meshlet-system: the operator reads key Secrets only in its own namespace"
+    }, {
+        "rule": "self.name != 'meshlet-ipsec-key'",
+        "message": "must not be meshlet-ipsec-key: the operator publishes the derived keys there; put the pre-shared key in a Secret of its own"
+    }]))]
     pub key_secret_ref: Option<SecretReference>,
     /// How often keys rotate, as a duration such as `24h`, `90m` or `1h30m`; at least `1h`.
     #[serde(default = "default_rotation_interval")]

@@ -165,7 +165,9 @@ pub async fn run(
         shared.clone(),
         settings.loop_settings.clone(),
     ));
-    let mut task = tokio::spawn(run_controllers(ctx));
+    // Held in a guard: if this future is dropped (the caller's task aborted), the controllers
+    // stop with it instead of running on detached.
+    let mut task = AbortOnDrop(tokio::spawn(run_controllers(ctx)));
     let mut last_renewal = Instant::now();
     // Stop before the lease could expire under us: two thirds of its duration.
     let renew_deadline = settings.lease_duration * 2 / 3;
@@ -181,8 +183,8 @@ pub async fn run(
     loop {
         tokio::select! {
             () = &mut shutdown => {
-                task.abort();
-                let _ = (&mut task).await;
+                task.0.abort();
+                let _ = (&mut task.0).await;
                 shared.leader.store(false, Ordering::Relaxed);
                 shared.metrics.leader.set(0);
                 if let Err(e) = elector.release().await {
@@ -191,7 +193,7 @@ pub async fn run(
                 tracing::info!("released the leader lease; stopped");
                 return Ok(());
             }
-            _ = &mut task => {
+            _ = &mut task.0 => {
                 shared.leader.store(false, Ordering::Relaxed);
                 return Err(RunError::ControllerStopped);
             }
@@ -199,13 +201,13 @@ pub async fn run(
                 match elector.try_acquire_or_renew().await {
                     Ok(true) => last_renewal = Instant::now(),
                     Ok(false) => {
-                        task.abort();
+                        task.0.abort();
                         return Err(lost(&shared));
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "failed to renew the leader lease");
                         if last_renewal.elapsed() > renew_deadline {
-                            task.abort();
+                            task.0.abort();
                             return Err(lost(&shared));
                         }
                     }

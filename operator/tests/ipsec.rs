@@ -620,3 +620,65 @@ async fn a_node_without_the_algorithm_stalls_the_rotation_naming_node_and_reason
         None
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_crashing_mid_rotation_is_replaced_and_the_new_leader_resumes_from_status() {
+    let cluster = Cluster::start().await;
+    add_ipsec_nodes(&cluster, &["r1", "r2"], &[]).await;
+    let agents = IpsecAgents::start(&cluster).await;
+    let first = start_operator(&cluster).await;
+    create_policy(&cluster, &IPsecPolicy::test(POLICY)).await;
+    wait_status(&cluster, 20, "Stable on 256 and Ready", |st| {
+        is(st, RotationPhase::Stable, 256) && ready(st)
+    })
+    .await;
+    agents.set("r2", Behaviour::Withhold);
+    Api::<IPsecPolicy>::all(cluster.admin.clone())
+        .patch(
+            POLICY,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"meshlet.io/rotate": "x"}}})),
+        )
+        .await
+        .expect("annotate");
+    wait_status(&cluster, 15, "Installing with r1's ack", |st| {
+        is(st, RotationPhase::Installing, 256) && st.acks.installed == 1
+    })
+    .await;
+    let during = generations(&cluster).await;
+    assert_eq!(during.keys().copied().collect::<Vec<_>>(), [256, 257]);
+
+    // Crash (no lease release); a new instance takes over once the lease expires.
+    first.task.abort();
+    drop(first);
+    let second = cluster.start_operator("op-1", LEASE_SECS).await;
+    eventually(15, "the new instance leads", || async {
+        second
+            .shared
+            .leader
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let st = policy(&cluster, POLICY).await.status.expect("status");
+    assert!(is(&st, RotationPhase::Installing, 256), "{st:?}");
+    assert_eq!(
+        generations(&cluster).await,
+        during,
+        "the new leader keeps both generations exactly as published"
+    );
+
+    agents.set("r2", Behaviour::Normal);
+    wait_status(&cluster, 20, "Stable on 257 and Ready", |st| {
+        is(st, RotationPhase::Stable, 257) && ready(st)
+    })
+    .await;
+    let after = generations(&cluster).await;
+    assert_eq!(after.keys().copied().collect::<Vec<_>>(), [257]);
+    assert_eq!(
+        after[&257], during[&257],
+        "SPI 257 kept the key nodes installed"
+    );
+    second.stop().await;
+}

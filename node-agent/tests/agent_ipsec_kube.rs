@@ -665,3 +665,67 @@ async fn meshletctl_ipsec_rotate_sets_the_rotate_annotation() {
     );
     assert!(!second.contains("meshlet.io/rotate"), "{second}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_removes_the_nodes_xfrm_objects_and_undrain_installs_them_again() {
+    let (cluster, nodes) = setup("ipsec-drain", 2, &[]).await;
+    wait_all(&cluster, &nodes, "A acked", |_, ne| acked(ne, &[A], A, 1)).await;
+    let drain = |on: bool| {
+        let api = cluster.enrollments();
+        let name = nodes[1].name();
+        async move {
+            api.patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"drain": on}})),
+            )
+            .await
+            .expect("patch drain");
+        }
+    };
+    drain(true).await;
+    cluster
+        .wait_enrollment(
+            &nodes[1].name(),
+            "IPsec dropped on drain",
+            &nodes[1].env,
+            |ne| {
+                ne.and_then(|n| n.status.as_ref()).is_some_and(|s| {
+                    // Server-side apply may leave the emptied `ipsec` map behind.
+                    s.ipsec
+                        .as_ref()
+                        .is_none_or(|i| *i == IPsecNodeStatus::default())
+                        && !s.conditions.iter().any(|c| c.type_ == "IPsecReady")
+                })
+            },
+        )
+        .await;
+    let rec = nodes[1].recording();
+    assert!(
+        rec.states.is_empty() && rec.policies.is_empty(),
+        "own xfrm objects left after drain: {rec:?}"
+    );
+    cluster
+        .wait_enrollment(
+            &nodes[0].name(),
+            "drained peer dropped",
+            &nodes[0].env,
+            |ne| acked(ne, &[A], A, 0),
+        )
+        .await;
+    let gone = nodes[1].address;
+    assert!(
+        nodes[0]
+            .recording()
+            .states
+            .iter()
+            .all(|s| s.id.src != gone && s.id.dst != gone)
+    );
+
+    drain(false).await;
+    wait_all(&cluster, &nodes, "A acked again after undrain", |_, ne| {
+        acked(ne, &[A], A, 1) && condition(ne, "IPsecReady", "True", Some("Applied"))
+    })
+    .await;
+    assert_eq!(nodes[1].recording().states.len(), 2);
+}

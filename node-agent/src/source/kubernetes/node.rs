@@ -398,7 +398,10 @@ impl KubeNode {
             Ok(true) => Metrics::inc(&ctx.metrics.status_writes, "written"),
             Ok(false) => {}
             Err(e) => {
-                warn!(error = %e, "status write failed; retrying");
+                let cause = std::error::Error::source(&e)
+                    .map(ToString::to_string)
+                    .unwrap_or_default();
+                warn!(error = %e, cause = %cause, "status write failed; retrying");
                 Metrics::inc(&ctx.metrics.status_writes, "failed");
                 self.schedule_retry();
             }

@@ -490,9 +490,16 @@ pub fn apply(
         .iter()
         .filter(|p| !applied_set.contains(*p) && !others.contains(*p))
         .collect();
-    dropped.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    // Shortest first: a list item nobody owns any more goes whole (its key fields included),
+    // instead of field by field, which would lose the key that finds the item.
+    dropped.sort_by_key(|p| p.len());
+    let mut gone: Vec<&Path> = Vec::new();
     for p in dropped {
+        if gone.iter().any(|g| p.starts_with(g)) {
+            continue;
+        }
         remove_path(&mut result, p);
+        gone.push(p);
     }
     let mut to_merge = applied.clone();
     if let Value::Object(m) = &mut to_merge {
@@ -571,5 +578,15 @@ mod tests {
         let second = json!({"metadata": {"name": "d", "labels": {"x": "1"}}, "spec": {"containers": [{"name": "c", "image": "i"}]}});
         let out = apply(Some(&first), &second, &writer("alice"), false).expect("apply");
         assert_eq!(out["metadata"]["labels"], json!({"x": "1"}));
+    }
+
+    #[test]
+    fn a_list_item_a_manager_stops_applying_is_removed_whole() {
+        let cond = |t: &str| json!({"type": t, "status": "True", "reason": "R"});
+        let a = json!({"metadata": {"name": "d"}, "spec": {"conditions": [cond("A"), cond("B")]}});
+        let first = apply(None, &a, &writer("alice"), false).expect("apply");
+        let second = json!({"metadata": {"name": "d"}, "spec": {"conditions": [cond("A")]}});
+        let out = apply(Some(&first), &second, &writer("alice"), false).expect("apply");
+        assert_eq!(out["spec"]["conditions"], json!([cond("A")]));
     }
 }

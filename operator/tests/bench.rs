@@ -159,6 +159,17 @@ async fn enrolling_5000_nodes_and_rolling_out_across_1000() {
             "{fleet} nodes: MeshConfig Ready (all stand-in agents report v1) after {:.2} s",
             ready.as_secs_f64()
         );
+        // Steady state: nothing changes; the operator should be idle apart from its Lease.
+        let idle = std::time::Duration::from_secs(10);
+        let cpu_before = op.cpu_seconds();
+        tokio::time::sleep(idle).await;
+        let steady = op.cpu_seconds() - cpu_before;
+        println!(
+            "{fleet} nodes, steady state: operator CPU {:.3} s over {} s = {:.2}% of one core",
+            steady,
+            idle.as_secs(),
+            steady * 100.0 / idle.as_secs_f64()
+        );
         println!(
             "operator memory: VmRSS {:.1} MiB when enrolled, {:.1} MiB at the end, peak VmHWM {:.1} MiB",
             rss_enrolled as f64 / 1024.0,

@@ -264,6 +264,11 @@ pub fn start_kube_agent_with(
         .env("NODE_NAME", node)
         .env("MESHLET_AGENT_VERSION", VERSION)
         .env_remove("MESHLET_STANDALONE")
+        // Never the host's xfrm: agents of concurrent tests share its network namespace.
+        .env(
+            "MESHLET_IPSEC_XFRM",
+            format!("recording:{}", env.dir.path().join("xfrm.json").display()),
+        )
         .envs(extra_env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdout(Stdio::null())
         .stderr(log)

@@ -143,7 +143,11 @@ pub struct IPsecPolicyStatus {
     pub active_spi: Option<i64>,
     /// The other SPI of a rotation in progress: the one being installed (`Installing`), or the
     /// one being left and retired (`Switching`, `Retiring`). Absent when `Stable`.
-    #[serde(default, rename = "pendingSPI", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "pendingSPI",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub pending_spi: Option<i64>,
     /// Rotation phase.
     #[serde(default)]

@@ -270,8 +270,8 @@ mod tests {
         let mut data = publish("a.b", &gens);
         data.extend(publish("other", &gens));
         data.insert("unrelated".into(), ByteString(vec![1]));
-        assert_eq!(published(&data, "a.b").unwrap(), gens);
-        assert!(published(&data, "missing").unwrap().is_empty());
+        assert_eq!(published(&data, "a.b").expect("published"), gens);
+        assert!(published(&data, "missing").expect("published").is_empty());
     }
 
     #[test]
@@ -280,7 +280,7 @@ mod tests {
         gens.insert(300, material(IPsecAlgorithm::Rfc4106GcmAes));
         let mut data = publish("p", &gens);
         data.insert("p.300.key".into(), ByteString(vec![1; 8]));
-        let err = published(&data, "p").unwrap_err().to_string();
+        let err = published(&data, "p").expect_err("refused").to_string();
         assert_eq!(
             err,
             "key Secret entry p.300.key holds 8 bytes; at least 16 are required"
@@ -288,7 +288,7 @@ mod tests {
         data.remove("p.300.salt");
         data.insert("p.300.key".into(), ByteString(vec![1; 32]));
         assert_eq!(
-            published(&data, "p").unwrap_err().to_string(),
+            published(&data, "p").expect_err("refused").to_string(),
             "key Secret entry p.300.salt is missing"
         );
     }
@@ -315,7 +315,7 @@ mod tests {
         let at = |p: IPsecPolicy, secs: i64| {
             let mut p = p;
             p.metadata.creation_timestamp = Some(Time(
-                k8s_openapi::jiff::Timestamp::from_second(secs).unwrap(),
+                k8s_openapi::jiff::Timestamp::from_second(secs).expect("time"),
             ));
             p
         };

@@ -22,7 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::{FutureExt, StreamExt};
+use futures::FutureExt;
 use k8s_openapi::{
     api::{
         apps::v1::DaemonSet,
@@ -47,7 +47,7 @@ use meshlet_crds::{
     v1alpha1::meshconfig::{MESHCONFIG_NAME, MeshConfigStatus, RolloutPhase},
 };
 use serde_json::json;
-use tokio::{sync::Notify, task::JoinHandle};
+use tokio::sync::Notify;
 use tracing::{Instrument, field};
 
 use crate::{
@@ -55,6 +55,7 @@ use crate::{
     observe::{self, Decision, NodeInfo, Snapshot},
     render::{self, EnrollmentIntent},
     rollout::{self, Action, Phase, Plan},
+    watch::{AbortOnDrop, failure_backoff, next_pass, spawn_reflector},
 };
 
 /// How the loop paces itself.
@@ -206,33 +207,6 @@ struct Stores {
     pods: Store<Pod>,
 }
 
-/// Aborts the watch tasks when the loop ends (e.g. on losing leadership).
-struct AbortOnDrop(Vec<JoinHandle<()>>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        for t in &self.0 {
-            t.abort();
-        }
-    }
-}
-
-fn spawn_watch<K, S>(stream: S, wake: Arc<Notify>, kind: &'static str) -> JoinHandle<()>
-where
-    S: futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
-    K: Send + 'static,
-{
-    tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        while let Some(item) = stream.next().await {
-            if let Err(e) = item {
-                tracing::warn!(kind, error = %e, "watch failed; retrying with backoff");
-            }
-            wake.notify_one();
-        }
-    })
-}
-
 /// Keeps only what the operator reads of an agent pod (labels, node, init container
 /// statuses), so thousands of cached pods stay small.
 fn trim_pod(pod: &mut Pod) {
@@ -278,59 +252,43 @@ pub async fn run(ctx: Arc<Context>) {
     let (enrollments, w_enr) = reflector::store();
     let (pods, w_pods) = reflector::store();
     let _tasks = AbortOnDrop(vec![
-        spawn_watch(
-            reflector::reflector(
-                w_mesh,
-                watcher(
-                    Api::<MeshConfig>::all(client.clone()),
-                    wc.clone()
-                        .fields(&format!("metadata.name={MESHCONFIG_NAME}")),
-                ),
-            )
-            .default_backoff()
-            .touched_objects(),
+        spawn_reflector(
+            w_mesh,
+            watcher(
+                Api::<MeshConfig>::all(client.clone()),
+                wc.clone()
+                    .fields(&format!("metadata.name={MESHCONFIG_NAME}")),
+            ),
             wake.clone(),
             "MeshConfig",
         ),
-        spawn_watch(
-            reflector::reflector(
-                w_nodes,
-                watcher(
-                    Api::<PartialObjectMeta<Node>>::all(client.clone()),
-                    wc.clone(),
-                )
-                .modify(|n| {
-                    n.metadata.managed_fields = None;
-                    n.metadata.annotations = None;
-                }),
+        spawn_reflector(
+            w_nodes,
+            watcher(
+                Api::<PartialObjectMeta<Node>>::all(client.clone()),
+                wc.clone(),
             )
-            .default_backoff()
-            .touched_objects(),
+            .modify(|n| {
+                n.metadata.managed_fields = None;
+                n.metadata.annotations = None;
+            }),
             wake.clone(),
             "Node",
         ),
-        spawn_watch(
-            reflector::reflector(
-                w_enr,
-                watcher(Api::<NodeEnrollment>::all(client.clone()), wc.clone())
-                    .modify(|ne| ne.metadata.managed_fields = None),
-            )
-            .default_backoff()
-            .touched_objects(),
+        spawn_reflector(
+            w_enr,
+            watcher(Api::<NodeEnrollment>::all(client.clone()), wc.clone())
+                .modify(|ne| ne.metadata.managed_fields = None),
             wake.clone(),
             "NodeEnrollment",
         ),
-        spawn_watch(
-            reflector::reflector(
-                w_pods,
-                watcher(
-                    Api::<Pod>::namespaced(client.clone(), &ctx.namespace),
-                    wc.clone().labels(&format!("{NAME_LABEL}={AGENT_NAME}")),
-                )
-                .modify(trim_pod),
+        spawn_reflector(
+            w_pods,
+            watcher(
+                Api::<Pod>::namespaced(client.clone(), &ctx.namespace),
+                wc.clone().labels(&format!("{NAME_LABEL}={AGENT_NAME}")),
             )
-            .default_backoff()
-            .touched_objects(),
+            .modify(trim_pod),
             wake.clone(),
             "Pod",
         ),
@@ -385,15 +343,10 @@ pub async fn run(ctx: Arc<Context>) {
                     tracing::warn!(error = %e, source = ?std::error::Error::source(&e).map(ToString::to_string), "reconcile failed; retrying");
                 });
                 failures = failures.saturating_add(1);
-                Duration::from_millis(200u64.saturating_mul(1 << failures.min(6)))
+                failure_backoff(failures)
             }
         };
-        tokio::select! {
-            () = wake.notified() => {}
-            () = tokio::time::sleep(wait) => {}
-        }
-        // Let a burst of watch events settle into one pass.
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        next_pass(&wake, wait).await;
     }
 }
 

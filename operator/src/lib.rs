@@ -37,6 +37,7 @@ pub mod observe;
 pub mod render;
 pub mod rollout;
 pub mod telemetry;
+pub mod watch;
 
 pub mod ipsec;
 

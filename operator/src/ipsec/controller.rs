@@ -19,7 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::{FutureExt, StreamExt};
+use futures::FutureExt;
 use k8s_openapi::{
     ByteString,
     api::core::v1::{Node, NodeStatus, Secret},
@@ -42,10 +42,14 @@ use meshlet_crds::{
     v1alpha1::{IPsecAlgorithm, IPsecPolicyStatus},
 };
 use serde_json::json;
-use tokio::{sync::Notify, task::JoinHandle};
+use tokio::sync::Notify;
 
 use super::decide::{self, Decision, Inputs, NodeView};
-use crate::{FIELD_MANAGER, controller::Context};
+use crate::{
+    FIELD_MANAGER,
+    controller::Context,
+    watch::{AbortOnDrop, failure_backoff, next_pass, spawn_reflector},
+};
 
 /// A step of a pass that failed. Never carries key bytes.
 #[derive(Debug, thiserror::Error)]
@@ -85,32 +89,6 @@ struct Stores {
     secrets: Store<Secret>,
 }
 
-struct AbortOnDrop(Vec<JoinHandle<()>>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        for t in &self.0 {
-            t.abort();
-        }
-    }
-}
-
-fn spawn_watch<K, S>(stream: S, wake: Arc<Notify>, kind: &'static str) -> JoinHandle<()>
-where
-    S: futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
-    K: Send + 'static,
-{
-    tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        while let Some(item) = stream.next().await {
-            if let Err(e) = item {
-                tracing::warn!(kind, error = %e, "IPsec watch failed; retrying with backoff");
-            }
-            wake.notify_one();
-        }
-    })
-}
-
 /// Keeps only a Node's labels and addresses.
 fn trim_node(node: &mut Node) {
     node.metadata.managed_fields = None;
@@ -132,46 +110,30 @@ pub async fn run(ctx: Arc<Context>) {
     let (nodes, w_nodes) = reflector::store();
     let (secrets, w_sec) = reflector::store();
     let _tasks = AbortOnDrop(vec![
-        spawn_watch(
-            reflector::reflector(
-                w_pol,
-                watcher(Api::<IPsecPolicy>::all(client.clone()), wc.clone())
-                    .modify(|p| p.metadata.managed_fields = None),
-            )
-            .default_backoff()
-            .touched_objects(),
+        spawn_reflector(
+            w_pol,
+            watcher(Api::<IPsecPolicy>::all(client.clone()), wc.clone())
+                .modify(|p| p.metadata.managed_fields = None),
             wake.clone(),
             "IPsecPolicy",
         ),
-        spawn_watch(
-            reflector::reflector(
-                w_enr,
-                watcher(Api::<NodeEnrollment>::all(client.clone()), wc.clone())
-                    .modify(|ne| ne.metadata.managed_fields = None),
-            )
-            .default_backoff()
-            .touched_objects(),
+        spawn_reflector(
+            w_enr,
+            watcher(Api::<NodeEnrollment>::all(client.clone()), wc.clone())
+                .modify(|ne| ne.metadata.managed_fields = None),
             wake.clone(),
             "NodeEnrollment",
         ),
-        spawn_watch(
-            reflector::reflector(
-                w_nodes,
-                watcher(Api::<Node>::all(client.clone()), wc.clone()).modify(trim_node),
-            )
-            .default_backoff()
-            .touched_objects(),
+        spawn_reflector(
+            w_nodes,
+            watcher(Api::<Node>::all(client.clone()), wc.clone()).modify(trim_node),
             wake.clone(),
             "Node",
         ),
-        spawn_watch(
-            reflector::reflector(
-                w_sec,
-                watcher(Api::<Secret>::namespaced(client.clone(), NAMESPACE), wc)
-                    .modify(|s| s.metadata.managed_fields = None),
-            )
-            .default_backoff()
-            .touched_objects(),
+        spawn_reflector(
+            w_sec,
+            watcher(Api::<Secret>::namespaced(client.clone(), NAMESPACE), wc)
+                .modify(|s| s.metadata.managed_fields = None),
             wake.clone(),
             "Secret",
         ),
@@ -211,15 +173,10 @@ pub async fn run(ctx: Arc<Context>) {
                 ctx.shared.metrics.failed(e.reason());
                 tracing::warn!(error = %e, source = ?std::error::Error::source(&e).map(ToString::to_string), "IPsec pass failed; retrying");
                 failures = failures.saturating_add(1);
-                Duration::from_millis(200u64.saturating_mul(1 << failures.min(6)))
+                failure_backoff(failures)
             }
         };
-        tokio::select! {
-            () = wake.notified() => {}
-            () = tokio::time::sleep(wait) => {}
-        }
-        // Let a burst of watch events settle into one pass.
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        next_pass(&wake, wait).await;
     }
 }
 

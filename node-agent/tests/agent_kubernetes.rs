@@ -313,7 +313,11 @@ async fn drain_and_deletion_detach_everything_and_deletion_releases_the_finalize
         .await
         .expect("create EndpointSlice after the watch restart");
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !env.map_services().to_string().contains("127.100.0.3") {
+    // The Service and its backend arrive through two watches: wait for both in the maps.
+    while !{
+        let maps = env.map_services().to_string();
+        maps.contains("127.100.0.3") && maps.contains("18093")
+    } {
         assert!(
             std::time::Instant::now() < deadline,
             "a Service created after the watch restart never reached the maps\n{}",

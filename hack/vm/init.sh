@@ -206,6 +206,28 @@ if wait_for "1,000 peers" 120 grep -q '"states":2000,"policies":1000' /run/n9.st
 else tail -n 5 /tmp/n9.log | sed 's/^/vm-log n9: /'; head -c 300 /run/n9.status; fi
 kill -TERM $PID9; wait $PID9
 
+# 7b. Baseline for the same scale: iproute2 installs the same 2,000 SAs + 1,000 policies in one
+# `ip -batch` (no key derivation, no status) in a namespace of its own; the ratio shows how much
+# of the agent's time is the emulated kernel's.
+$IP netns add n10
+KEY=0x$(i=0; while [ $i -lt 9 ]; do printf '%s' 6d657368; i=$((i+1)); done)
+i=0; while [ $i -lt 1000 ]; do
+  peer="10.91.$((i/250)).$((i%250+1))"
+  printf 'xfrm state add src %s dst 10.90.0.1 proto esp spi 0x%x reqid 1 mode transport aead rfc4106(gcm(aes)) %s 128\n' "$peer" $((0x10000 + 2*i)) "$KEY"
+  printf 'xfrm state add src 10.90.0.1 dst %s proto esp spi 0x%x reqid 1 mode transport aead rfc4106(gcm(aes)) %s 128\n' "$peer" $((0x10001 + 2*i)) "$KEY"
+  printf 'xfrm policy add src 10.90.0.1/32 dst %s/32 dir out tmpl src 10.90.0.1 dst %s proto esp reqid 1 mode transport\n' "$peer" "$peer"
+  i=$((i+1))
+done > /tmp/baseline.batch
+t=$(now)
+if $IP -n n10 -batch /tmp/baseline.batch > /tmp/baseline.err 2>&1; then
+  B=$(since $t)
+  BS=$($IP -n n10 xfrm state | grep -c '^src'); BP=$($IP -n n10 xfrm policy | grep -c '^src')
+  if [ -n "$US" ] && [ "$BS" = 2000 ] && [ "$BP" = 1000 ]; then
+    pass "scale baseline: ip -batch installs the same 2000 SAs + 1000 policies in ${B}s; agent / ip -batch = $(awk -v a="$US" -v b="$B" 'BEGIN{ if (b > 0) printf "%.2f", a/1e6/b; else print "n/a" }')"
+  else echo "vm-warn: scale baseline: $BS states, $BP policies after ip -batch (${B}s)"; fi
+else echo "vm-warn: scale baseline: ip -batch failed: $(head -c 300 /tmp/baseline.err)"; fi
+$IP -n n10 xfrm state flush; $IP -n n10 xfrm policy flush; $IP netns del n10
+
 # 8. Teardown removes exactly the agent's own objects.
 $IP -n n1 xfrm state add src 10.77.0.1 dst 10.77.0.99 proto esp spi 0x999 reqid 7 mode transport \
   aead 'rfc4106(gcm(aes))' 0x0102030405060708090a0b0c0d0e0f1011121314 128

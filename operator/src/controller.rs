@@ -55,7 +55,7 @@ use crate::{
     observe::{self, Decision, NodeInfo, Snapshot},
     render::{self, EnrollmentIntent},
     rollout::{self, Action, Phase, Plan},
-    watch::{AbortOnDrop, failure_backoff, next_pass, spawn_reflector},
+    watch::{AbortOnDrop, caches_filled, failure_backoff, next_pass, spawn_reflector},
 };
 
 /// How the loop paces itself.
@@ -299,18 +299,19 @@ pub async fn run(ctx: Arc<Context>) {
         enrollments,
         pods,
     };
-    for ready in [
-        stores.mesh.wait_until_ready().boxed(),
-        stores.nodes.wait_until_ready().boxed(),
-        stores.enrollments.wait_until_ready().boxed(),
-        stores.pods.wait_until_ready().boxed(),
-    ] {
-        if ready.await.is_err() {
-            tracing::error!("a watch ended before its cache filled");
-            return;
-        }
+    if !caches_filled(
+        vec![
+            stores.mesh.wait_until_ready().boxed(),
+            stores.nodes.wait_until_ready().boxed(),
+            stores.enrollments.wait_until_ready().boxed(),
+            stores.pods.wait_until_ready().boxed(),
+        ],
+        "meshconfig",
+    )
+    .await
+    {
+        return;
     }
-    tracing::info!("caches filled; reconciling");
     let mut state = LoopState::default();
     let mut failures: u32 = 0;
     loop {

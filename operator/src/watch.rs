@@ -8,12 +8,15 @@
 
 use std::{hash::Hash, sync::Arc, time::Duration};
 
-use futures::{Stream, StreamExt};
+use futures::{Stream, StreamExt, future::BoxFuture};
 use kube::{
     Resource,
     runtime::{
         WatchStreamExt,
-        reflector::{self, store::Writer},
+        reflector::{
+            self,
+            store::{Writer, WriterDropped},
+        },
         watcher,
     },
 };
@@ -71,4 +74,23 @@ pub async fn next_pass(wake: &Notify, wait: Duration) {
         () = tokio::time::sleep(wait) => {}
     }
     tokio::time::sleep(Duration::from_millis(20)).await;
+}
+
+/// Waits until every cache listed in `waits` holds its first full list. False when a watch
+/// ended before that (logged, naming `loop_name`): the loop must not decide from empty caches.
+pub async fn caches_filled(
+    waits: Vec<BoxFuture<'_, Result<(), WriterDropped>>>,
+    loop_name: &'static str,
+) -> bool {
+    for ready in waits {
+        if ready.await.is_err() {
+            tracing::error!(
+                loop_name,
+                "a watch ended before its cache filled; the loop stops"
+            );
+            return false;
+        }
+    }
+    tracing::info!(loop_name, "caches filled");
+    true
 }

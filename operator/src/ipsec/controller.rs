@@ -48,7 +48,7 @@ use super::decide::{self, Decision, Inputs, NodeView};
 use crate::{
     FIELD_MANAGER,
     controller::Context,
-    watch::{AbortOnDrop, failure_backoff, next_pass, spawn_reflector},
+    watch::{AbortOnDrop, caches_filled, failure_backoff, next_pass, spawn_reflector},
 };
 
 /// A step of a pass that failed. Never carries key bytes.
@@ -144,18 +144,19 @@ pub async fn run(ctx: Arc<Context>) {
         nodes,
         secrets,
     };
-    for ready in [
-        stores.policies.wait_until_ready().boxed(),
-        stores.enrollments.wait_until_ready().boxed(),
-        stores.nodes.wait_until_ready().boxed(),
-        stores.secrets.wait_until_ready().boxed(),
-    ] {
-        if ready.await.is_err() {
-            tracing::error!("an IPsec watch ended before its cache filled");
-            return;
-        }
+    if !caches_filled(
+        vec![
+            stores.policies.wait_until_ready().boxed(),
+            stores.enrollments.wait_until_ready().boxed(),
+            stores.nodes.wait_until_ready().boxed(),
+            stores.secrets.wait_until_ready().boxed(),
+        ],
+        "ipsec",
+    )
+    .await
+    {
+        return;
     }
-    tracing::info!("IPsec caches filled; managing keys");
     let mut failures: u32 = 0;
     loop {
         let started = Instant::now();

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //!  DIR ─► layout (registry+v1: manifests/ + metadata/, or flat: CSV and CRDs in DIR)
-//!      ─► documents by kind ─┬─► CSV against OLM's CSV schema (shared/olm, strict)
+//!      ─► documents by kind ─┬─► CSV against OLM's CSV schema (reference/olm, strict)
 //!                            ├─► install modes and install strategy
 //!                            ├─► owned CRDs  ⇔  CRD files in the bundle
 //!                            ├─► alm-examples against their CRD's schema
@@ -40,8 +40,10 @@ pub const REQUIRED_ANNOTATIONS: [&str; 5] = [
     "operators.operatorframework.io.bundle.channels.v1",
 ];
 
-/// Path of OLM's CSV CRD inside the shared reference data.
-pub const CSV_SCHEMA_FILE: &str = "olm/operators.coreos.com_clusterserviceversions.yaml";
+/// OLM's CSV CRD (operator-framework/api, Apache-2.0; see `reference/olm/SOURCE.md`), built
+/// into the binary so the checker needs nothing beside it.
+const CSV_SCHEMA: &str =
+    include_str!("../reference/olm/operators.coreos.com_clusterserviceversions.yaml");
 
 /// Outcome of a bundle check.
 #[derive(Debug, Default)]
@@ -102,22 +104,14 @@ fn crd_versions(crd: &Value) -> Vec<String> {
     out
 }
 
-/// Loads OLM's CSV CRD from the shared reference data.
-pub fn load_csv_crd(shared: &Path) -> anyhow::Result<Value> {
-    let path = shared.join(CSV_SCHEMA_FILE);
-    let text = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "failed to read OLM's CSV schema at {} (set {} to the shared directory)",
-            path.display(),
-            crate::SHARED_DIR_ENV
-        )
-    })?;
-    yaml::parse(&text).with_context(|| format!("failed to parse {}", path.display()))
+/// OLM's CSV CRD, parsed.
+pub fn load_csv_crd() -> anyhow::Result<Value> {
+    yaml::parse(CSV_SCHEMA).context("failed to parse OLM's CSV schema built into xtask")
 }
 
-/// Checks the bundle in `dir` using the CSV schema under `shared`.
-pub fn check_bundle(dir: &Path, shared: &Path) -> anyhow::Result<Report> {
-    let csv_crd = load_csv_crd(shared)?;
+/// Checks the bundle in `dir` against OLM's CSV schema.
+pub fn check_bundle(dir: &Path) -> anyhow::Result<Report> {
+    let csv_crd = load_csv_crd()?;
     check_bundle_with(dir, &csv_crd)
 }
 

@@ -25,8 +25,6 @@ pub const VERSION: &str = "0.1.0";
 pub const OPERATOR_IMAGE_REPO: &str = "ghcr.io/meshlet-io/meshlet-operator";
 /// Container image registry path of the agent (tag is [`VERSION`]).
 pub const AGENT_IMAGE_REPO: &str = "ghcr.io/meshlet-io/meshlet-agent";
-/// Environment variable that overrides where the shared reference data lives.
-pub const SHARED_DIR_ENV: &str = "MESHLET_SHARED_DIR";
 
 /// Full operator image reference.
 pub fn operator_image() -> String {
@@ -43,11 +41,8 @@ pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// Directory with shared reference data (OLM's CSV schema and its valid test bundle):
-/// `$MESHLET_SHARED_DIR` when set, else `shared/` beside the workspace root.
-pub fn shared_dir() -> PathBuf {
-    match std::env::var_os(SHARED_DIR_ENV) {
-        Some(dir) => PathBuf::from(dir),
-        None => workspace_root().join("../shared"),
-    }
+/// Reference data copied from OLM (its CSV schema and a bundle its tooling accepts), with
+/// its source and licence in `reference/olm/SOURCE.md`.
+pub fn reference_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("reference")
 }

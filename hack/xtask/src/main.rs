@@ -63,7 +63,7 @@ fn run() -> anyhow::Result<()> {
             } else {
                 dir
             };
-            let report = xtask::bundle::check_bundle(&dir, &xtask::shared_dir())?;
+            let report = xtask::bundle::check_bundle(&dir)?;
             for note in &report.notes {
                 println!("note: {note}");
             }

@@ -8,15 +8,9 @@ use serde_json::{Value, json};
 use xtask::bundle::{Report, check_bundle, check_bundle_with};
 use xtask::{generate, yaml};
 
-fn shared() -> PathBuf {
-    let dir = xtask::shared_dir();
-    assert!(
-        dir.join(xtask::bundle::CSV_SCHEMA_FILE).is_file(),
-        "shared reference data missing at {} (set {})",
-        dir.display(),
-        xtask::SHARED_DIR_ENV
-    );
-    dir
+/// OLM's own valid bundle, kept in the repository.
+fn reference_bundle() -> PathBuf {
+    xtask::reference_dir().join("olm/testdata/valid_bundle")
 }
 
 /// Copies a directory tree.
@@ -46,7 +40,7 @@ fn our_bundle() -> (tempfile::TempDir, PathBuf) {
 fn etcd_bundle() -> (tempfile::TempDir, PathBuf) {
     let temp = tempfile::tempdir().expect("tempdir");
     let dir = temp.path().join("bundle");
-    copy_dir(&shared().join("olm/testdata/valid_bundle"), &dir);
+    copy_dir(&reference_bundle(), &dir);
     (temp, dir)
 }
 
@@ -74,7 +68,7 @@ fn edit_csv(dir: &Path, edit: impl FnOnce(&mut Value)) {
 /// OLM's CSV CRD, parsed once for all tests (it is large).
 fn csv_crd() -> &'static Value {
     static CSV_CRD: OnceLock<Value> = OnceLock::new();
-    CSV_CRD.get_or_init(|| xtask::bundle::load_csv_crd(&shared()).expect("load the CSV CRD"))
+    CSV_CRD.get_or_init(|| xtask::bundle::load_csv_crd().expect("load the CSV CRD"))
 }
 
 fn check(dir: &Path) -> Report {
@@ -112,7 +106,7 @@ fn our_owned_crds(dir: &Path) -> Vec<Value> {
 
 #[test]
 fn olm_reference_bundle_in_the_flat_layout_is_accepted() {
-    let report = check_bundle(&shared().join("olm/testdata/valid_bundle"), &shared())
+    let report = check_bundle(&reference_bundle())
         .expect("the check runs");
     assert!(report.problems.is_empty(), "{:#?}", report.problems);
     assert!(report.summary.contains("flat layout"), "{}", report.summary);

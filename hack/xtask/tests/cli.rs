@@ -17,7 +17,7 @@ fn xtask(args: &[&str]) -> (bool, String) {
 
 #[test]
 fn olm_validate_exits_zero_on_the_reference_bundle_and_non_zero_on_a_broken_one() {
-    let reference = xtask::shared_dir().join("olm/testdata/valid_bundle");
+    let reference = xtask::reference_dir().join("olm/testdata/valid_bundle");
     let (ok, out) = xtask(&["olm-validate", reference.to_str().expect("utf-8 path")]);
     assert!(ok, "{out}");
     assert!(out.contains("is valid"), "{out}");

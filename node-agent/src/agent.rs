@@ -1,6 +1,7 @@
 //! The agent process: start-up (adopt, never flush), the sync loop, and shutdown.
 //!
 //! ```text
+//!  cgroup::resolve (--cgroup or mountinfo), bpffs::require_bpffs ─► refuse early, naming the path
 //!  signals installed ─► Dataplane::start (lock, decide, adopt/migrate/load) ─► observed()
 //!      ─► Index(observed) ◄── sources (standalone file, Kubernetes) via mpsc<SourceUpdate>
 //!      ─► Change::Apply ─► Dataplane::apply (spawn_blocking) ─► metrics, status, ready
@@ -28,9 +29,11 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::reload;
 use tracing_subscriber::util::SubscriberInitExt;
 
+use crate::bpffs::{self, BpffsError, Mounted};
+use crate::cgroup::{self, CgroupError};
 use crate::config::{AgentArgs, Cli, Command};
 use crate::dataplane::{
-    self, Dataplane, DataplaneError, RestartKind, StartReport, StartupDecision,
+    self, Dataplane, DataplaneConfig, DataplaneError, RestartKind, StartReport, StartupDecision,
 };
 use crate::index::{Change, Index};
 use crate::metrics::Metrics;
@@ -61,6 +64,12 @@ pub enum AgentError {
     /// A signal handler could not be installed.
     #[error("failed to install the signal handlers")]
     Signals(#[source] std::io::Error),
+    /// The cgroup to attach to could not be found or is not cgroup v2.
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    /// The bpffs root is not on a bpffs, or bpffs could not be mounted.
+    #[error(transparent)]
+    Bpffs(#[from] BpffsError),
     /// Starting, adopting or resetting the data plane failed.
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
@@ -197,6 +206,8 @@ pub struct SyncStatus {
 pub struct Context {
     /// Flags the agent runs with.
     pub args: AgentArgs,
+    /// The data-plane configuration, with the cgroup resolved at start-up.
+    pub dataplane_config: DataplaneConfig,
     /// The data plane; `None` once reset.
     pub dataplane: Arc<Mutex<Option<Dataplane>>>,
     /// How start-up went.
@@ -294,41 +305,91 @@ pub fn main(cli: Cli) -> ExitCode {
     };
     let args = cli.agent;
     match cli.command.unwrap_or(Command::Run) {
-        Command::Preflight => match dataplane::preflight(&args.dataplane()) {
-            Ok(d) => {
-                let (name, ok, reason) = describe_decision(&d);
-                println!("{name}: {reason}");
-                if ok {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::from(EXIT_UNADOPTABLE)
-                }
+        Command::MountBpffs { path } => match bpffs::mount(&path) {
+            Ok(Mounted::AlreadyThere) => {
+                println!("{} is already on a bpffs", path.display());
+                ExitCode::SUCCESS
             }
-            Err(e) => {
-                eprintln!("meshlet-agent preflight: {e}");
-                ExitCode::FAILURE
-            }
-        },
-        Command::Ipsec => crate::ipsec::runner::main(&args),
-        Command::Reset => match dataplane::reset(&args.dataplane()) {
-            Ok(()) => {
-                println!("data plane under {} torn down", args.bpffs_root.display());
+            Ok(Mounted::Mounted) => {
+                println!("mounted bpffs at {}", path.display());
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("meshlet-agent reset: {e}");
+                eprintln!("meshlet-agent mount-bpffs: {}", with_causes(&e));
+                ExitCode::FAILURE
+            }
+        },
+        Command::Preflight => {
+            match resolved_config(&args).and_then(|cfg| Ok(dataplane::preflight(&cfg)?)) {
+                Ok(d) => {
+                    let (name, ok, reason) = describe_decision(&d);
+                    println!("{name}: {reason}");
+                    if ok {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(EXIT_UNADOPTABLE)
+                    }
+                }
+                Err(e) => {
+                    eprintln!("meshlet-agent preflight: {}", with_causes(&e));
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Ipsec => crate::ipsec::runner::main(&args),
+        Command::Reset => match dataplane::reset(&args.paths.reset_config()) {
+            Ok(()) => {
+                println!(
+                    "data plane under {} torn down",
+                    args.paths.bpffs_root.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("meshlet-agent reset: {}", with_causes(&e));
                 exit_code_for(&AgentError::Dataplane(e))
             }
         },
         Command::Run => match rt.block_on(run(args, log)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                error!(error = %e, "agent stopped");
-                eprintln!("meshlet-agent: {e}");
+                let message = with_causes(&e);
+                error!(error = %message, "agent stopped");
+                eprintln!("meshlet-agent: {message}");
                 exit_code_for(&e)
             }
         },
     }
+}
+
+/// The data-plane configuration of `args`, attaching at `--cgroup` (checked) or at the
+/// node's cgroup2 root found in the mount table; refuses a bpffs root outside a bpffs.
+pub fn resolved_config(args: &AgentArgs) -> Result<DataplaneConfig, AgentError> {
+    let attach = cgroup::resolve(args.paths.cgroup.as_deref())?;
+    info!(
+        cgroup = %attach.path.display(),
+        chosen_by = attach.origin.name(),
+        "socket programs attach to this cgroup"
+    );
+    let cfg = args.dataplane(attach.path);
+    bpffs::require_bpffs(&cfg.bpffs_root)?;
+    Ok(cfg)
+}
+
+/// `e` followed by its causes (`failed to X: cause: cause`), for the one line a failed
+/// command prints.
+pub fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let next = c.to_string();
+        if !text.ends_with(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 fn exit_code_for(e: &AgentError) -> ExitCode {
@@ -356,7 +417,8 @@ pub async fn run(args: AgentArgs, log: LogControl) -> Result<(), AgentError> {
     let mut sigint = signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
 
     let began = Instant::now();
-    let cfg = args.dataplane();
+    let cfg = resolved_config(&args)?;
+    let dataplane_config = cfg.clone();
     let metrics = Metrics::new();
     let mut kube = match args.kubernetes {
         true => Some(KubeNode::connect(&args, &metrics, began).await?),
@@ -408,6 +470,7 @@ pub async fn run(args: AgentArgs, log: LogControl) -> Result<(), AgentError> {
     let (reset_tx, mut reset_rx) = mpsc::channel(1);
     let ctx = Arc::new(Context {
         args: args.clone(),
+        dataplane_config,
         dataplane,
         report,
         metrics,
@@ -542,7 +605,7 @@ pub async fn run(args: AgentArgs, log: LogControl) -> Result<(), AgentError> {
     let mut outcome = Ok(());
     if let Some(reply) = reset_reply {
         let dp = ctx.dataplane.clone();
-        let cfg = args.dataplane();
+        let cfg = ctx.dataplane_config.clone();
         let result = blocking(move || {
             // Dropping the data plane releases the node lock, which reset takes itself.
             drop(dp.lock().unwrap_or_else(|p| p.into_inner()).take());
@@ -642,5 +705,27 @@ async fn sync(
             ctx.with_status(|s| s.last_error = Some(e.to_string()));
             Ok(false)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_command_prints_the_kernel_reason_after_the_action() {
+        let e = AgentError::Bpffs(BpffsError::Mount {
+            path: "/sys/fs/bpf".into(),
+            source: std::io::Error::from_raw_os_error(libc::EPERM),
+        });
+        let text = with_causes(&e);
+        assert!(
+            text.starts_with("failed to mount bpffs at /sys/fs/bpf"),
+            "{text}"
+        );
+        assert!(
+            text.ends_with("Operation not permitted (os error 1)"),
+            "{text}"
+        );
     }
 }

@@ -1,12 +1,14 @@
-//! Command-line flags of `meshlet-agent` and their translation into a [`DataplaneConfig`].
+//! Command-line flags of `meshlet-agent` (and the node paths `meshletctl` shares) and their
+//! translation into a [`DataplaneConfig`].
 //!
 //! ```text
-//!  argv ─► clap (Cli) ─► AgentConfig ─┬─► DataplaneConfig (loader)
-//!                                     ├─► sources (standalone file path, --kubernetes)
-//!                                     └─► admin socket / metrics address
+//!  argv ─► clap (Cli) ─► AgentArgs ─┬─► NodePaths (bpffs root, cgroup?, socket, lock; also meshletctl)
+//!                                   │     cgroup::resolve(cgroup?) ─► DataplaneConfig (loader)
+//!                                   ├─► sources (standalone file path, --kubernetes)
+//!                                   └─► metrics address, logs, traces
 //! ```
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
@@ -29,7 +31,7 @@ pub struct Cli {
 }
 
 /// Subcommands of `meshlet-agent`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
 pub enum Command {
     /// Load or adopt the data plane and keep it in sync with the sources (the default).
     Run,
@@ -40,11 +42,19 @@ pub enum Command {
     Reset,
     /// Run only IPsec from the `ipsec:` section of the --standalone file (no eBPF data plane).
     Ipsec,
+    /// Mount a bpffs at PATH unless one is there already (needs CAP_SYS_ADMIN; the DaemonSet
+    /// runs it in a privileged init container so the mount reaches the node).
+    MountBpffs {
+        /// Where bpffs must be mounted.
+        #[arg(long, default_value = "/sys/fs/bpf")]
+        path: PathBuf,
+    },
 }
 
-/// Flags of the agent.
+/// Where an agent keeps its node-local state: one definition shared by `meshlet-agent` and
+/// `meshletctl`, with defaults that are right inside the agent's container.
 #[derive(Debug, Clone, PartialEq, Eq, Args)]
-pub struct AgentArgs {
+pub struct NodePaths {
     /// bpffs directory holding the pinned maps, links and meta of this agent.
     #[arg(
         long,
@@ -53,14 +63,57 @@ pub struct AgentArgs {
         global = true
     )]
     pub bpffs_root: PathBuf,
-    /// cgroup v2 directory the socket programs attach to.
+    /// cgroup v2 directory the socket programs attach to; when absent, the widest cgroup2
+    /// mount of the node's hierarchy found in /proc/self/mountinfo (in a container: the
+    /// host's /sys/fs/cgroup mounted as a hostPath volume).
+    #[arg(long, env = "MESHLET_CGROUP", global = true)]
+    pub cgroup: Option<PathBuf>,
+    /// Unix socket of the agent's admin gRPC API (created with mode 0600).
     #[arg(
         long,
-        env = "MESHLET_CGROUP",
-        default_value = "/sys/fs/cgroup/unified",
+        visible_alias = "socket",
+        env = "MESHLET_ADMIN_SOCKET",
+        default_value = "/run/meshlet/agent.sock",
         global = true
     )]
-    pub cgroup: PathBuf,
+    pub admin_socket: PathBuf,
+    /// Node lock file: one agent per bpffs root.
+    #[arg(
+        long,
+        env = "MESHLET_LOCK_FILE",
+        default_value = "/run/meshlet/agent.lock",
+        global = true
+    )]
+    pub lock_file: PathBuf,
+}
+
+impl NodePaths {
+    /// The loader configuration for these paths, attaching at `cgroup`, with the newest
+    /// layout and no capacity (enough for preflight and reset).
+    pub fn dataplane(&self, cgroup: PathBuf) -> DataplaneConfig {
+        DataplaneConfig {
+            bpffs_root: self.bpffs_root.clone(),
+            cgroup,
+            layout: NEWEST_LAYOUT,
+            max_services: 0,
+            max_endpoints: 0,
+            lock_path: self.lock_file.clone(),
+        }
+    }
+
+    /// The configuration of a reset: it detaches through the pinned links and never opens
+    /// the cgroup, so it works where the cgroup cannot be found.
+    pub fn reset_config(&self) -> DataplaneConfig {
+        self.dataplane(self.cgroup.clone().unwrap_or_default())
+    }
+}
+
+/// Flags of the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Args)]
+pub struct AgentArgs {
+    /// bpffs root, cgroup, admin socket and node lock.
+    #[command(flatten)]
+    pub paths: NodePaths,
     /// Map layout to write (1 or 2). Tests and rollbacks select the older one.
     #[arg(long, env = "MESHLET_DATAPLANE_LAYOUT", default_value_t = NEWEST_LAYOUT,
           value_parser = clap::value_parser!(u32).range(1..=2), global = true)]
@@ -87,25 +140,11 @@ pub struct AgentArgs {
     /// How often the standalone file is checked for changes, in milliseconds.
     #[arg(long, default_value_t = 250, global = true)]
     pub standalone_poll_ms: u64,
-    /// Unix socket of the admin gRPC API (created with mode 0600).
-    #[arg(
-        long,
-        env = "MESHLET_ADMIN_SOCKET",
-        default_value = "/run/meshlet/agent.sock",
-        global = true
-    )]
-    pub admin_socket: PathBuf,
-    /// Address of the HTTP server for /healthz, /readyz and /metrics; none when absent.
-    #[arg(long, env = "MESHLET_METRICS_ADDR", global = true)]
+    /// Address of the HTTP server for /healthz, /readyz and /metrics; none when absent. With
+    /// host networking give the node's own address (`$(HOST_IP):9090`), so agents sharing a
+    /// network namespace do not collide.
+    #[arg(long, env = "MESHLET_METRICS_ADDR", value_parser = parse_listen_addr, global = true)]
     pub metrics_addr: Option<SocketAddr>,
-    /// Node lock file: one agent per bpffs root.
-    #[arg(
-        long,
-        env = "MESHLET_LOCK_FILE",
-        default_value = "/run/meshlet/agent.lock",
-        global = true
-    )]
-    pub lock_file: PathBuf,
     /// Name of this node (reported in status).
     #[arg(long, env = "NODE_NAME", default_value = "local", global = true)]
     pub node_name: String,
@@ -133,16 +172,40 @@ pub struct AgentArgs {
     pub kube_debounce_ms: u64,
 }
 
+/// A listen address that is neither `IPv4:PORT` nor `[IPv6]:PORT` nor `IPv6:PORT`.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "failed to parse listen address {given:?}: expected ADDRESS:PORT, e.g. 10.0.0.5:9090, [fd00::5]:9090 or fd00::5:9090"
+)]
+pub struct ParseListenAddrError {
+    /// The value given.
+    pub given: String,
+}
+
+/// Parses `ADDRESS:PORT`, also with an unbracketed IPv6 address: `$(HOST_IP):9090` expands
+/// to `fd00::5:9090` on an IPv6 node, where the last colon separates the port.
+pub fn parse_listen_addr(given: &str) -> Result<SocketAddr, ParseListenAddrError> {
+    if let Ok(addr) = given.parse() {
+        return Ok(addr);
+    }
+    let error = || ParseListenAddrError {
+        given: given.to_string(),
+    };
+    let (ip, port) = given.rsplit_once(':').ok_or_else(error)?;
+    let ip: IpAddr = ip.parse().map_err(|_| error())?;
+    let port: u16 = port.parse().map_err(|_| error())?;
+    Ok(SocketAddr::new(ip, port))
+}
+
 impl AgentArgs {
-    /// The loader configuration these flags select.
-    pub fn dataplane(&self) -> DataplaneConfig {
+    /// The loader configuration these flags select, attaching at `cgroup` (see
+    /// [`crate::cgroup::resolve`]).
+    pub fn dataplane(&self, cgroup: PathBuf) -> DataplaneConfig {
         DataplaneConfig {
-            bpffs_root: self.bpffs_root.clone(),
-            cgroup: self.cgroup.clone(),
             layout: self.dataplane_layout,
             max_services: self.max_services,
             max_endpoints: self.max_endpoints,
-            lock_path: self.lock_file.clone(),
+            ..self.paths.dataplane(cgroup)
         }
     }
 }
@@ -152,16 +215,82 @@ mod tests {
     use super::*;
 
     #[test]
-    fn defaults_select_the_newest_layout_and_documented_paths() {
+    fn defaults_select_the_newest_layout_and_the_paths_of_the_agent_container() {
         let cli = Cli::try_parse_from(["meshlet-agent"]).expect("parse");
         assert_eq!(cli.command, None);
-        let dp = cli.agent.dataplane();
+        assert_eq!(
+            cli.agent.paths.cgroup, None,
+            "the cgroup is found, not assumed"
+        );
+        let dp = cli.agent.dataplane(PathBuf::from("/host/sys/fs/cgroup"));
         assert_eq!(dp.layout, NEWEST_LAYOUT);
         assert_eq!(dp.bpffs_root, PathBuf::from("/sys/fs/bpf/meshlet"));
-        assert_eq!(dp.cgroup, PathBuf::from("/sys/fs/cgroup/unified"));
+        assert_eq!(dp.cgroup, PathBuf::from("/host/sys/fs/cgroup"));
+        assert_eq!(dp.lock_path, PathBuf::from("/run/meshlet/agent.lock"));
         assert_eq!(
-            cli.agent.admin_socket,
+            cli.agent.paths.admin_socket,
             PathBuf::from("/run/meshlet/agent.sock")
+        );
+    }
+
+    #[test]
+    fn a_given_cgroup_is_kept_and_a_reset_needs_none() {
+        let cli = Cli::try_parse_from(["meshlet-agent", "reset", "--cgroup", "/sys/fs/cgroup/x"])
+            .expect("parse");
+        assert_eq!(cli.command, Some(Command::Reset));
+        assert_eq!(
+            cli.agent.paths.reset_config().cgroup,
+            PathBuf::from("/sys/fs/cgroup/x")
+        );
+    }
+
+    #[test]
+    fn the_metrics_address_takes_the_node_ip_of_either_family() {
+        for (given, want) in [
+            ("10.0.0.5:9090", "10.0.0.5:9090"),
+            ("[fd00::5]:9090", "[fd00::5]:9090"),
+            ("fd00::5:9090", "[fd00::5]:9090"),
+        ] {
+            let cli = Cli::try_parse_from(["meshlet-agent", "--metrics-addr", given])
+                .unwrap_or_else(|e| panic!("{given}: {e}"));
+            assert_eq!(
+                cli.agent.metrics_addr,
+                Some(want.parse().expect("address")),
+                "{given}"
+            );
+        }
+        for bad in ["$(HOST_IP):9090", "10.0.0.5", "10.0.0.5:http", ":9090"] {
+            let err = parse_listen_addr(bad).expect_err(bad);
+            assert!(err.to_string().contains("ADDRESS:PORT"), "{err}");
+        }
+    }
+
+    #[test]
+    fn mount_bpffs_defaults_to_sys_fs_bpf() {
+        let cli = Cli::try_parse_from(["meshlet-agent", "mount-bpffs"]).expect("parse");
+        assert_eq!(
+            cli.command,
+            Some(Command::MountBpffs {
+                path: PathBuf::from("/sys/fs/bpf")
+            })
+        );
+        let cli = Cli::try_parse_from(["meshlet-agent", "mount-bpffs", "--path", "/mnt/bpf"])
+            .expect("parse");
+        assert_eq!(
+            cli.command,
+            Some(Command::MountBpffs {
+                path: PathBuf::from("/mnt/bpf")
+            })
+        );
+    }
+
+    #[test]
+    fn the_version_flag_prints_the_binary_name_and_crate_version() {
+        let err = Cli::try_parse_from(["meshlet-agent", "--version"]).expect_err("exits");
+        assert_eq!(err.kind(), clap::error::ErrorKind::DisplayVersion);
+        assert_eq!(
+            err.to_string().trim(),
+            format!("meshlet-agent {}", env!("CARGO_PKG_VERSION"))
         );
     }
 

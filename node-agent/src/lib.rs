@@ -2,15 +2,20 @@
 //! upgrades without disrupting traffic.
 //!
 //! ```text
-//!  config (flags) ─► agent (run loop) ─► dataplane (kernel)
-//!  source/* ─► index ─┘      │
-//!                            ├─► admin (gRPC on a unix socket, meshletctl)
-//!                            ├─► metrics (/healthz /readyz /metrics)
-//!                            └─► status (NodeEnrollment.status, --kubernetes)
+//!  config (flags) ─► cgroup (attach point: --cgroup, or found in /proc/self/mountinfo)
+//!        │           bpffs  (pins only on a bpffs; `meshlet-agent mount-bpffs`)
+//!        ▼
+//!  agent (run loop) ─────────► dataplane (kernel)
+//!   ▲    ├─► admin (gRPC on a unix socket, meshletctl)
+//!   │    ├─► metrics (/healthz /readyz /metrics)
+//!   │    └─► status (NodeEnrollment.status, --kubernetes)
+//!  index ◄── source/* (standalone file, Kubernetes)
 //! ```
 
 pub mod admin;
 pub mod agent;
+pub mod bpffs;
+pub mod cgroup;
 pub mod config;
 pub mod dataplane;
 pub mod index;

@@ -7,7 +7,6 @@
 //!  meshletctl ipsec rotate|status ─► API server (admin::ipsec)
 //! ```
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -15,44 +14,16 @@ use clap::{Parser, Subcommand};
 use super::pb;
 use super::{AdminError, client};
 use crate::agent::{EXIT_UNADOPTABLE, describe_decision};
-use crate::dataplane::DataplaneConfig;
+use crate::config::NodePaths;
 
 /// `meshletctl`: inspect and control the local Meshlet agent.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "meshletctl", version, about)]
 pub struct CtlCli {
-    /// Admin socket of the agent.
-    #[arg(
-        long,
-        env = "MESHLET_ADMIN_SOCKET",
-        default_value = "/run/meshlet/agent.sock",
-        global = true
-    )]
-    pub socket: PathBuf,
-    /// bpffs root (used when no agent runs).
-    #[arg(
-        long,
-        env = "MESHLET_BPFFS_ROOT",
-        default_value = "/sys/fs/bpf/meshlet",
-        global = true
-    )]
-    pub bpffs_root: PathBuf,
-    /// cgroup the programs are attached to (used when no agent runs).
-    #[arg(
-        long,
-        env = "MESHLET_CGROUP",
-        default_value = "/sys/fs/cgroup/unified",
-        global = true
-    )]
-    pub cgroup: PathBuf,
-    /// Node lock file (used when no agent runs).
-    #[arg(
-        long,
-        env = "MESHLET_LOCK_FILE",
-        default_value = "/run/meshlet/agent.lock",
-        global = true
-    )]
-    pub lock_file: PathBuf,
+    /// The agent's admin socket, bpffs root, cgroup and node lock (the agent's own flags;
+    /// all but the socket are used only when no agent runs).
+    #[command(flatten)]
+    pub paths: NodePaths,
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     pub json: bool,
@@ -111,19 +82,11 @@ fn call_err(call: &'static str) -> impl Fn(tonic::Status) -> String {
 }
 
 async fn run(cli: CtlCli) -> Result<ExitCode, String> {
-    let direct_cfg = || DataplaneConfig {
-        bpffs_root: cli.bpffs_root.clone(),
-        cgroup: cli.cgroup.clone(),
-        layout: crate::config::NEWEST_LAYOUT,
-        max_services: 0,
-        max_endpoints: 0,
-        lock_path: cli.lock_file.clone(),
-    };
     if let CtlCommand::Ipsec { command } = cli.command {
         super::ipsec::run(command, cli.json).await?;
         return Ok(ExitCode::SUCCESS);
     }
-    let agent = client::connect(&cli.socket).await;
+    let agent = client::connect(&cli.paths.admin_socket).await;
     match cli.command {
         CtlCommand::Ipsec { .. } => {}
         CtlCommand::Status => {
@@ -141,6 +104,7 @@ async fn run(cli: CtlCli) -> Result<ExitCode, String> {
                     s.node_name, s.pid, s.version
                 );
                 println!("bpffs root:  {}", s.bpffs_root);
+                println!("cgroup:      {}", s.cgroup);
                 println!("layout:      {}", s.layout);
                 println!(
                     "start-up:    {} in {} us, link ids unchanged: {}",
@@ -212,7 +176,9 @@ async fn run(cli: CtlCli) -> Result<ExitCode, String> {
                     .map_err(call_err("Preflight"))?
                     .into_inner(),
                 Err(_) => {
-                    let mut cfg = direct_cfg();
+                    let cgroup = crate::cgroup::resolve(cli.paths.cgroup.as_deref())
+                        .map_err(|e| e.to_string())?;
+                    let mut cfg = cli.paths.dataplane(cgroup.path);
                     cfg.layout = layout;
                     let d = crate::dataplane::preflight(&cfg).map_err(|e| e.to_string())?;
                     let (name, adoptable, reason) = describe_decision(&d);
@@ -251,8 +217,11 @@ async fn run(cli: CtlCli) -> Result<ExitCode, String> {
                 println!("the agent tore the data plane down and stopped");
             }
             Err(_) => {
-                crate::dataplane::reset(&direct_cfg()).map_err(|e| e.to_string())?;
-                println!("no agent running; tore down {}", cli.bpffs_root.display());
+                crate::dataplane::reset(&cli.paths.reset_config()).map_err(|e| e.to_string())?;
+                println!(
+                    "no agent running; tore down {}",
+                    cli.paths.bpffs_root.display()
+                );
             }
         },
     }
@@ -277,5 +246,37 @@ pub fn main(cli: CtlCli) -> ExitCode {
             eprintln!("meshletctl: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    #[test]
+    fn meshletctl_shares_the_agent_defaults_and_finds_the_cgroup_itself() {
+        let ctl = CtlCli::try_parse_from(["meshletctl", "status"]).expect("parse");
+        let agent = crate::config::Cli::try_parse_from(["meshlet-agent"]).expect("parse");
+        assert_eq!(ctl.paths, agent.agent.paths);
+        assert_eq!(ctl.paths.cgroup, None);
+    }
+
+    #[test]
+    fn the_socket_flag_still_names_the_admin_socket() {
+        let ctl = CtlCli::try_parse_from(["meshletctl", "--socket", "/tmp/a.sock", "status"])
+            .expect("parse");
+        assert_eq!(ctl.paths.admin_socket, PathBuf::from("/tmp/a.sock"));
+    }
+
+    #[test]
+    fn the_version_flag_prints_meshletctl_and_the_crate_version() {
+        let err = CtlCli::try_parse_from(["meshletctl", "--version"]).expect_err("exits");
+        assert_eq!(err.kind(), clap::error::ErrorKind::DisplayVersion);
+        assert_eq!(
+            err.to_string().trim(),
+            format!("meshletctl {}", env!("CARGO_PKG_VERSION"))
+        );
     }
 }

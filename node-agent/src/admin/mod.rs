@@ -150,7 +150,8 @@ impl pb::admin_server::Admin for AdminService {
             handled: counters.handled,
             rewritten: counters.rewritten,
             no_backend: counters.no_backend,
-            bpffs_root: ctx.args.bpffs_root.display().to_string(),
+            bpffs_root: ctx.args.paths.bpffs_root.display().to_string(),
+            cgroup: ctx.dataplane_config.cgroup.display().to_string(),
         }))
     }
 
@@ -183,7 +184,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::PreflightRequest>,
     ) -> Result<Response<pb::PreflightReply>, Status> {
-        let mut cfg = self.ctx.args.dataplane();
+        let mut cfg = self.ctx.dataplane_config.clone();
         let layout = req.into_inner().layout;
         if layout != 0 {
             cfg.layout = layout;
@@ -237,7 +238,7 @@ pub fn serve(
     ctx: Arc<Context>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<tokio::task::JoinHandle<()>, AdminError> {
-    let path = ctx.args.admin_socket.clone();
+    let path = ctx.args.paths.admin_socket.clone();
     let prepare = |source| AdminError::PrepareSocket {
         path: path.clone(),
         source,

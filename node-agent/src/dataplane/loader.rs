@@ -407,34 +407,6 @@ fn map_pins(paths: &Paths, layout_next: Option<u32>) -> Vec<(&'static str, PathB
     pins
 }
 
-/// Fails with a clear message when the bpffs root does not sit on a mounted bpffs.
-pub fn check_bpffs(paths: &Paths) -> Result<(), DataplaneError> {
-    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-    let mut dir = paths.root.as_path();
-    while !dir.exists() {
-        match dir.parent() {
-            Some(parent) => dir = parent,
-            None => break,
-        }
-    }
-    let stat = nix::sys::statfs::statfs(dir).map_err(|e| DataplaneError::Filesystem {
-        action: "statfs",
-        path: dir.to_path_buf(),
-        source: std::io::Error::from(e),
-    })?;
-    if stat.filesystem_type().0 as i64 != BPF_FS_MAGIC {
-        return Err(DataplaneError::Filesystem {
-            action: "pin under",
-            path: paths.root.clone(),
-            source: std::io::Error::other(format!(
-                "{} is not on a bpffs; mount one with `mount -t bpf bpf /sys/fs/bpf`",
-                dir.display()
-            )),
-        });
-    }
-    Ok(())
-}
-
 fn create_dirs(paths: &Paths) -> Result<(), DataplaneError> {
     for dir in [paths.root.clone(), paths.maps(), paths.links()] {
         fs::create_dir_all(&dir).map_err(fs_err("create bpffs directory", &dir))?;

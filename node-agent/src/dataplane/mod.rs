@@ -186,15 +186,11 @@ pub enum DataplaneError {
         layout: u32,
     },
     /// The cgroup the programs attach to is not a cgroup v2 directory.
-    #[error(
-        "{path} is not a cgroup v2 directory ({detail}); point --cgroup (MESHLET_CGROUP) at the node's cgroup2 mount"
-    )]
-    NotCgroup2 {
-        /// The configured cgroup.
-        path: PathBuf,
-        /// Why it was refused.
-        detail: String,
-    },
+    #[error(transparent)]
+    Cgroup(#[from] crate::cgroup::CgroupError),
+    /// The bpffs root is not on a bpffs.
+    #[error(transparent)]
+    Bpffs(#[from] crate::bpffs::BpffsError),
     /// A bpffs or cgroup path could not be prepared or read.
     #[error("failed to {action} {path}")]
     Filesystem {
@@ -256,19 +252,21 @@ pub enum DataplaneError {
     },
 }
 
+/// The programs attach to `cfg.cgroup` and pin under `cfg.bpffs_root`: a path that is not a
+/// cgroup v2 directory would only fail at attach time, after the previous agent is already
+/// gone, and pins outside a bpffs would silently vanish with a tmpfs or the container.
+fn check_paths(cfg: &DataplaneConfig) -> Result<(), DataplaneError> {
+    crate::cgroup::check_cgroup2(&cfg.cgroup)?;
+    crate::bpffs::require_bpffs(&cfg.bpffs_root)?;
+    Ok(())
+}
+
 /// Read-only: what would start-up do with the state currently pinned (no lock taken, nothing changed).
 pub fn preflight(cfg: &DataplaneConfig) -> Result<StartupDecision, DataplaneError> {
     if !loader::layout_known(cfg.layout) {
         return Err(DataplaneError::UnsupportedLayout { layout: cfg.layout });
     }
-    // The programs attach to this cgroup: a path that is not a cgroup v2 directory would only
-    // fail later, at attach time, after the previous agent is already gone.
-    if let Err(e) = std::fs::metadata(cfg.cgroup.join("cgroup.procs")) {
-        return Err(DataplaneError::NotCgroup2 {
-            path: cfg.cgroup.clone(),
-            detail: e.to_string(),
-        });
-    }
+    check_paths(cfg)?;
     let paths = Paths {
         root: cfg.bpffs_root.clone(),
     };
@@ -323,12 +321,12 @@ impl Dataplane {
         if !loader::layout_known(cfg.layout) {
             return Err(DataplaneError::UnsupportedLayout { layout: cfg.layout });
         }
+        check_paths(&cfg)?;
         let started = Instant::now();
         let lock = NodeLock::acquire(&cfg.lock_path)?;
         let paths = Paths {
             root: cfg.bpffs_root.clone(),
         };
-        loader::check_bpffs(&paths)?;
         let decision = layout::decide(&loader::gather(&paths)?, cfg.layout);
         let before = loader::link_ids(&paths);
         let kind = match decision {

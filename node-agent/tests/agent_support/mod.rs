@@ -14,10 +14,17 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 const TRAFFIC: &str = include_str!("traffic.py");
-const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
 const BPFFS: &str = "/sys/fs/bpf";
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// The host's cgroup2 root (`/sys/fs/cgroup` on v2-only hosts, `/sys/fs/cgroup/unified` on
+/// hybrid ones), found the way the agent finds it; the tests' cgroups are created below it.
+pub fn cgroup_root() -> PathBuf {
+    meshlet_agent::cgroup::resolve(None)
+        .unwrap_or_else(|e| panic!("the kernel tests need cgroup v2: {e}"))
+        .path
+}
 
 /// Path of the agent binary under test.
 pub const AGENT: &str = env!("CARGO_BIN_EXE_meshlet-agent");
@@ -34,10 +41,7 @@ pub fn require_prerequisites() {
         Path::new(BPFFS).join(".").exists(),
         "bpffs is not mounted at {BPFFS}"
     );
-    assert!(
-        Path::new(CGROUP_ROOT).join("cgroup.procs").exists(),
-        "cgroup v2 is not mounted at {CGROUP_ROOT}"
-    );
+    cgroup_root();
     for (bin, arg) in [("python3", "-c"), ("unshare", "--version")] {
         let ok = Command::new(bin)
             .arg(arg)
@@ -122,7 +126,7 @@ impl AgentEnv {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::SeqCst)
         );
-        let cgroup = PathBuf::from(CGROUP_ROOT).join(&name);
+        let cgroup = cgroup_root().join(&name);
         std::fs::create_dir_all(&cgroup).expect("create test cgroup");
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("traffic.py"), TRAFFIC).expect("write helper");

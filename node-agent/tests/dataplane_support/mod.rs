@@ -13,10 +13,17 @@ use meshlet_agent::dataplane::{self, DataplaneConfig};
 use meshlet_agent::model::{Backend, DesiredState, Protocol, ServiceKey};
 
 const CLIENT: &str = include_str!("client.py");
-const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
 const BPFFS: &str = "/sys/fs/bpf";
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// The host's cgroup2 root (`/sys/fs/cgroup` on v2-only hosts, `/sys/fs/cgroup/unified` on
+/// hybrid ones), found the way the agent finds it; the tests' cgroups are created below it.
+pub fn cgroup_root() -> PathBuf {
+    meshlet_agent::cgroup::resolve(None)
+        .unwrap_or_else(|e| panic!("the kernel tests need cgroup v2: {e}"))
+        .path
+}
 
 /// Fails with a clear message when a prerequisite of the kernel tests is missing.
 pub fn require_prerequisites() {
@@ -28,10 +35,7 @@ pub fn require_prerequisites() {
         Path::new(BPFFS).join(".").exists(),
         "bpffs is not mounted at {BPFFS}"
     );
-    assert!(
-        Path::new(CGROUP_ROOT).join("cgroup.procs").exists(),
-        "cgroup v2 is not mounted at {CGROUP_ROOT}"
-    );
+    cgroup_root();
     let ok = Command::new("python3")
         .arg("-c")
         .arg("pass")
@@ -69,7 +73,7 @@ impl TestEnv {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::SeqCst)
         );
-        let cgroup = PathBuf::from(CGROUP_ROOT).join(&name);
+        let cgroup = cgroup_root().join(&name);
         std::fs::create_dir_all(&cgroup).expect("create test cgroup");
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("client.py"), CLIENT).expect("write helper");

@@ -232,7 +232,7 @@ impl KubeNode {
     }
 
     async fn load(&mut self, ctx: &Arc<Context>, index: &mut Index) -> Next {
-        let cfg = ctx.args.dataplane();
+        let cfg = ctx.dataplane_config.clone();
         info!(node = %self.node, bpffs_root = %cfg.bpffs_root.display(), "NodeEnrollment present: loading the data plane");
         self.load_began = Instant::now();
         self.synced_after = None;
@@ -277,7 +277,7 @@ impl KubeNode {
             return false;
         }
         let dp = ctx.dataplane.clone();
-        let cfg = ctx.args.dataplane();
+        let cfg = ctx.dataplane_config.clone();
         let result = tokio::task::spawn_blocking(move || {
             let taken = dp.lock().unwrap_or_else(|p| p.into_inner()).take();
             match taken {

@@ -8,7 +8,7 @@ use clap::Parser;
 
 /// Meshlet cluster operator.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(name = "meshlet-operator", version, about)]
 struct Args {
     /// Address of the health and metrics HTTP server (`/healthz`, `/readyz`, `/metrics`).
     #[arg(long, env = "MESHLET_METRICS_ADDR", default_value = "0.0.0.0:8080")]
@@ -102,4 +102,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .context("trace shutdown panicked")?;
     result.context("the operator stopped")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_version_flag_prints_meshlet_operator_and_the_crate_version() {
+        let err = Args::try_parse_from(["meshlet-operator", "--version"]).expect_err("exits");
+        assert_eq!(err.kind(), clap::error::ErrorKind::DisplayVersion);
+        assert_eq!(
+            err.to_string().trim(),
+            format!("meshlet-operator {}", env!("CARGO_PKG_VERSION"))
+        );
+    }
 }

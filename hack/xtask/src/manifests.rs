@@ -292,7 +292,8 @@ pub fn render(crds: &[CustomResourceDefinition]) -> anyhow::Result<BTreeMap<Stri
             name: Some(NAMESPACE.to_owned()),
             labels: Some({
                 let mut l = common_labels("namespace");
-                // The agent pods are privileged (eBPF, hostNetwork).
+                // The agent pods use host networking, hostPath volumes and a privileged init
+                // container that mounts bpffs: only the `privileged` level admits them.
                 l.insert(
                     "pod-security.kubernetes.io/enforce".to_owned(),
                     "privileged".to_owned(),

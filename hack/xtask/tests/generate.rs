@@ -140,3 +140,64 @@ fn bundle_installs_the_same_deployment_and_rbac_as_the_kustomize_base() {
         .expect("owned");
     assert_eq!(owned.len(), meshlet_crds::all_crds().len());
 }
+
+/// Every container of an operator pod spec: non-root, read-only root filesystem, no
+/// privilege escalation, no capabilities, and no volume it could write instead.
+fn assert_locked_down(source: &str, pod: &serde_json::Value) {
+    let pod_non_root = pod["securityContext"]["runAsNonRoot"] == true;
+    let uid = pod["securityContext"]["runAsUser"].as_i64();
+    assert!(uid.is_some_and(|u| u != 0), "{source}: runAsUser {uid:?}");
+    let containers = pod["containers"].as_array().expect("containers");
+    assert!(!containers.is_empty(), "{source}: no containers");
+    for c in containers {
+        let name = &c["name"];
+        let sc = &c["securityContext"];
+        assert!(
+            pod_non_root || sc["runAsNonRoot"] == true,
+            "{source}: {name} may run as root"
+        );
+        assert_ne!(sc["runAsUser"], 0, "{source}: {name} runs as uid 0");
+        assert_eq!(
+            sc["readOnlyRootFilesystem"], true,
+            "{source}: {name} has a writable root filesystem"
+        );
+        assert_eq!(sc["allowPrivilegeEscalation"], false, "{source}: {name}");
+        assert_ne!(sc["privileged"], true, "{source}: {name}");
+        assert_eq!(
+            sc["capabilities"]["drop"],
+            serde_json::json!(["ALL"]),
+            "{source}: {name}"
+        );
+        assert!(
+            sc["capabilities"]["add"].is_null(),
+            "{source}: {name} adds capabilities"
+        );
+    }
+    assert!(
+        pod["volumes"].is_null(),
+        "{source}: the operator needs no volume, got {}",
+        pod["volumes"]
+    );
+}
+
+#[test]
+fn the_operator_runs_as_non_root_on_a_read_only_root_filesystem_in_manifests_and_bundle() {
+    let root = xtask::workspace_root();
+    let read = |p: &str| -> serde_json::Value {
+        let text = std::fs::read_to_string(root.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+        xtask::yaml::parse(&text).unwrap_or_else(|e| panic!("{p}: {e}"))
+    };
+    let deployment = read("manifests/operator/deployment.yaml");
+    assert_locked_down(
+        "manifests/operator/deployment.yaml",
+        &deployment["spec"]["template"]["spec"],
+    );
+    let csv = read("olm/manifests/meshlet-operator.clusterserviceversion.yaml");
+    let deployments = csv["spec"]["install"]["spec"]["deployments"]
+        .as_array()
+        .expect("CSV install deployments");
+    assert!(!deployments.is_empty(), "the CSV installs no deployment");
+    for d in deployments {
+        assert_locked_down("the CSV", &d["spec"]["template"]["spec"]);
+    }
+}

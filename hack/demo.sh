@@ -1,23 +1,24 @@
 #!/usr/bin/env bash
-# hack/demo.sh — Meshlet on the local multi-node TEST cluster: an in-memory API test server and 3
-# simulated nodes running real agents (hack/local-cluster), Meshlet installed from manifests/
-# with kubectl (the operator runs as a Deployment pod under its RBAC), a Service with an
-# EndpointSlice reached through its VIP from every node, then an upgrade rollout v1 -> v2 (map
-# layout migration, maxUnavailable 1) while clients connect on every node. Prints what
+# hack/demo.sh — Meshlet on the local multi-node TEST cluster: an in-memory API test server (HTTPS)
+# and 3 simulated nodes whose kubelet runs pods from the OCI images of this repository with runc
+# (hack/local-cluster), Meshlet installed from manifests/ with kubectl (the operator runs as a
+# Deployment pod under its RBAC, the agents as a DaemonSet), a Service with an EndpointSlice
+# reached through its VIP from a workload pod on every node, then an upgrade rollout v1 -> v2
+# (map layout migration, maxUnavailable 1) while client pods connect on every node. Prints what
 # `kubectl get meshconfig,nodeenrollments` shows and the failed-connection count. Then an
 # IPsecPolicy between the nodes (each agent records its xfrm state in a file: the host kernel
 # has no ESP) and one key rotation through its acknowledged phases to Stable on a new SPI.
 #
-# Needs root (eBPF, cgroups). Installs what it needs with hack/setup.sh (skip with
-# MESHLET_DEMO_SKIP_SETUP=1) and builds with cargo (debug; skip with MESHLET_DEMO_SKIP_BUILD=1). The cluster is stopped and
+# Needs root (eBPF, cgroups, runc). Installs what it needs with hack/setup.sh (skip with
+# MESHLET_DEMO_SKIP_SETUP=1) and builds the images with `cargo xtask images` (skip with
+# MESHLET_DEMO_SKIP_BUILD=1). The cluster is stopped and
 # everything it created removed on exit, even on failure. The single-node demo without a
 # cluster is hack/demo-standalone.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 [ "$(id -u)" = 0 ] || { echo "demo: run as root (eBPF programs and cgroups need it)" >&2; exit 1; }
-[ -e /sys/fs/cgroup/unified/cgroup.procs ] || { echo "demo: cgroup v2 not mounted at /sys/fs/cgroup/unified" >&2; exit 1; }
-[ -d /sys/fs/bpf ] || { echo "demo: bpffs not mounted at /sys/fs/bpf" >&2; exit 1; }
+grep -q ' - cgroup2 ' /proc/self/mountinfo || { echo "demo: no cgroup2 hierarchy is mounted" >&2; exit 1; }
 
 if [ "${MESHLET_DEMO_SKIP_SETUP:-0}" != 1 ]; then
   bash hack/setup.sh
@@ -35,7 +36,6 @@ CLIENT_PIDS=()
 
 cleanup() {
   set +e
-  touch "$WORK/stop"
   for pid in "${CLIENT_PIDS[@]}"; do kill "$pid" 2>/dev/null; done
   wait 2>/dev/null
   hack/local-cluster down --dir "$DIR" >/dev/null 2>&1
@@ -44,8 +44,9 @@ cleanup() {
 trap cleanup EXIT
 
 if [ "${MESHLET_DEMO_SKIP_BUILD:-0}" != 1 ]; then
-  say "building meshlet-local-cluster, meshlet-agent and meshlet-operator"
-  cargo build -p meshlet-local-cluster -p meshlet-agent -p meshlet-operator --bins
+  say "building the local cluster and the images (cargo xtask images)"
+  cargo build -p meshlet-local-cluster --bin meshlet-local-cluster
+  cargo xtask images
 fi
 
 say "starting the local TEST cluster: API test server + 3 simulated nodes"
@@ -123,33 +124,57 @@ ports: [{name: http, port: 18082, protocol: TCP}]
 endpoints: [{addresses: ["127.0.0.1"], conditions: {ready: true}}]
 EOF
 
-# Backends (answering with their port) and clients of the VIP, in a node's cgroup and in a
-# private network namespace (loopback only: nothing leaves the machine).
-cp node-agent/tests/agent_support/traffic.py "$WORK/traffic.py"
-on_node() {
-  local node=$1; shift
-  sh -c 'echo $$ > "$1/cgroup.procs" && shift && exec unshare -n sh -c "ip link set lo up && exec python3 \"\$@\"" sh "$@"' \
-    sh "$CGROUP_BASE/$node" "$WORK/traffic.py" --backends "$BACKENDS" --target "$VIP:80=$BACKENDS" "$@"
+# Workload pods: backends (answering with their port) on the pod's loopback and clients of the
+# VIP, in the pod's own network namespace and its node's cgroup (nothing leaves the machine).
+traffic_pod() {
+  local name=$1 node=$2; shift 2
+  local args="" a
+  for a in --backends "$BACKENDS" --target "$VIP:80=$BACKENDS" "$@"; do args="$args\"$a\", "; done
+  "$KUBECTL" apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: Pod
+metadata: {name: $name, namespace: default, labels: {app: mesh-traffic}}
+spec:
+  nodeName: $node
+  restartPolicy: Never
+  automountServiceAccountToken: false
+  containers: [{name: traffic, image: meshlet.local/mesh-traffic:v1, args: [${args%, }]}]
+EOF
+}
+# The pod's log, from its node's /var/log/pods (as the kubelet keeps it).
+pod_log() { cat "$DIR/$1"/root/var/log/pods/default_"$2"_*/traffic/0.log 2>/dev/null || true; }
+# Waits until the pod's log has its JSON report, prints it.
+pod_report() {
+  local node=$1 name=$2 line
+  for _ in $(seq 1 600); do
+    line=$(pod_log "$node" "$name" | grep '^{' | tail -n 1)
+    [ -n "$line" ] && { echo "$line"; return 0; }
+    sleep 0.1
+  done
+  echo "demo: no report from pod $name" >&2
+  return 1
 }
 
-say "traffic through the VIP from every node (5 connections each)"
+say "traffic through the VIP from a pod on every node (5 connections each)"
 for node in node-1 node-2 node-3; do
-  for _ in $(seq 1 60); do
-    out=$(on_node "$node" --clients 1 --count 5 --timeout 2)
-    case "$out" in *'"ok": 5'*) break ;; esac
+  for i in $(seq 1 60); do
+    traffic_pod "probe-$node-$i" "$node" --clients 1 --count 5 --timeout 2
+    out=$(pod_report "$node" "probe-$node-$i")
+    "$KUBECTL" delete pod "probe-$node-$i" --wait=false >/dev/null
+    case "$out" in *'"ok":5'*) break ;; esac
     sleep 0.5
   done
   printf '%s: %s\n' "$node" "$out"
 done
 
-say "clients connecting continuously on every node while the agents roll v1 -> v2"
+say "client pods connecting continuously on every node while the agents roll v1 -> v2"
 for node in node-1 node-2 node-3; do
-  on_node "$node" --clients 2 --until "$WORK/stop" --ready "$WORK/ready-$node" > "$WORK/report-$node" &
-  CLIENT_PIDS+=($!)
+  traffic_pod "clients-$node" "$node" --clients 2
 done
 for node in node-1 node-2 node-3; do
-  for _ in $(seq 1 100); do [ -e "$WORK/ready-$node" ] && break; sleep 0.1; done
+  for _ in $(seq 1 300); do pod_log "$node" "clients-$node" | grep -qx ready && break; sleep 0.1; done
 done
+"$KUBECTL" get pods -o wide
 meshconfig v2 | "$KUBECTL" apply --server-side -f -
 status() {
   "$KUBECTL" get meshconfig default -o jsonpath='{.status.rollout.phase} updated={.status.updatedNodes}/{.status.selectedNodes} inFlight={.status.rollout.nodesInFlight}{"\n"}' 2>/dev/null || true
@@ -166,9 +191,11 @@ for _ in $(seq 1 600); do
   sleep 0.3
 done
 "$KUBECTL" wait --for=condition=Ready meshconfig/default --timeout=120s
-touch "$WORK/stop"
-wait "${CLIENT_PIDS[@]}"
-CLIENT_PIDS=()
+# Deleting a client pod stops it (SIGTERM); it then prints its report.
+"$KUBECTL" delete pod clients-node-1 clients-node-2 clients-node-3 --wait=false
+for node in node-1 node-2 node-3; do
+  pod_report "$node" "clients-$node" > "$WORK/report-$node"
+done
 
 say "kubectl get meshconfig,nodeenrollments"
 "$KUBECTL" get meshconfig,nodeenrollments -o wide
@@ -187,7 +214,7 @@ sys.exit(1 if fail or not ok else 0)
 PY
 
 say "IPsec between the nodes: kubectl apply an IPsecPolicy"
-echo "(the agents keep xfrm state in $DIR/node-i/xfrm.json: this host kernel has no ESP)"
+echo "(the v2 agent images keep xfrm state in each node's /run/meshlet/xfrm.json: this host kernel has no ESP)"
 "$KUBECTL" apply --server-side -f - <<EOF
 apiVersion: meshlet.io/v1alpha1
 kind: IPsecPolicy
@@ -226,7 +253,7 @@ def gen(reqid):
     return reqid & 0xFFFF if reqid >> 16 == 0x6D6C else None
 for node in ("node-1", "node-2", "node-3"):
     try:
-        r = json.load(open(f"{sys.argv[1]}/{node}/xfrm.json"))
+        r = json.load(open(f"{sys.argv[1]}/{node}/root/run/meshlet/xfrm.json"))
     except OSError:
         print(f"{node} xfrm: no recording")
         continue

@@ -8,6 +8,8 @@
 //!                read at start so a restarted agent adopts what it finds
 //!  MESHLET_IPSEC_REFUSE_ALGORITHMS=a,b ─► the recording refuses those algorithms the way a
 //!                                         kernel without the module does (ENOENT)
+//!  <dir of path>/xfrm-refused-algorithms ─► the same, one name per line: the simulated node's
+//!                                         kernel lacks them (a file of the node, not env)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -23,6 +25,8 @@ pub const XFRM_ENV: &str = "MESHLET_IPSEC_XFRM";
 /// Environment variable listing algorithm names the recording refuses (comma separated).
 pub const REFUSE_ENV: &str = "MESHLET_IPSEC_REFUSE_ALGORITHMS";
 const RECORDING_PREFIX: &str = "recording:";
+/// File beside a recording listing algorithms that node's simulated kernel lacks.
+pub const REFUSED_FILE: &str = "xfrm-refused-algorithms";
 
 /// One SA in a recording file.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -207,8 +211,14 @@ impl Backend {
                 "{XFRM_ENV} must be `recording:<path>`, got {sel:?}"
             )));
         };
-        let refuse = parse_refused(&std::env::var(REFUSE_ENV).unwrap_or_default())?;
-        FileRecording::open(PathBuf::from(path), refuse).map(Backend::Recording)
+        let path = PathBuf::from(path);
+        let mut refuse = parse_refused(&std::env::var(REFUSE_ENV).unwrap_or_default())?;
+        if let Some(file) = path.parent().map(|d| d.join(REFUSED_FILE))
+            && let Ok(text) = std::fs::read_to_string(&file)
+        {
+            refuse.extend(parse_refused(&text.lines().collect::<Vec<_>>().join(","))?);
+        }
+        FileRecording::open(path, refuse).map(Backend::Recording)
     }
 
     /// Short name for logs.

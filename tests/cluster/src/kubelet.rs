@@ -1,4 +1,4 @@
-//! The simulated kubelet: runs the Pods bound to simulated nodes as real processes.
+//! The simulated kubelet: runs the Pods bound to simulated nodes as OCI containers with runc.
 //!
 //! ```text
 //!  watch Pods ──► reconcile ──► new Pod on a simulated node ──► worker task
@@ -6,45 +6,49 @@
 //!                    │                                            │ same DaemonSet on this node
 //!                    │                                            │ must have exited
 //!                    │                                            ▼
-//!                    │                          init containers, in order (retry with backoff)
+//!                    │               pull images (ErrImagePull / ImagePullBackOff, retried)
+//!                    │               volumes (FailedMount: ContainerCreating, retried)
+//!                    │               network namespace unless hostNetwork
 //!                    │                                            ▼
-//!                    │                          containers: supervise (restart, restartCount),
-//!                    │                          readiness probe (HTTP GET on the allocated port)
+//!                    │               init containers, in order (retried with back-off)
+//!                    │                                            ▼
+//!                    │               containers: supervise (restart, restartCount,
+//!                    │               CrashLoopBackOff), readiness and liveness probes
 //!                    │                                            │ status subresource writes
-//!                    └─ Pod gone / deletionTimestamp ──► stop: SIGTERM, grace (≤ 10 s), SIGKILL
+//!                    └─ Pod gone ──► stop: SIGTERM, grace (≤ 10 s), SIGKILL, remove
 //! ```
 //!
-//! Environment of every process (contract C2): the container env with `fieldRef`s resolved,
-//! then the node-local overrides (`MESHLET_BPFFS_ROOT`, `MESHLET_CGROUP`,
-//! `MESHLET_ADMIN_SOCKET`, `MESHLET_LOCK_FILE`, `MESHLET_METRICS_ADDR` when the container
-//! declares a port or probe, `KUBECONFIG` of the Pod's ServiceAccount, `POD_NAME`,
-//! `POD_NAMESPACE`), then the image table's env, then the node's extra env
-//! (`ClusterOptions::node_env`, `LocalCluster::set_node_env`; e.g. the xfrm recording hook).
+//! A container sees only what its pod spec and image give it (see [`crate::spec`]), plus
+//! the service-account volume and `KUBERNETES_SERVICE_*`, as on a real node.
 //!
-//! Simplifications: probes run at most every 2 s (initial delay capped at 5 s); liveness and
-//! startup probes, volumes, resources and security contexts are ignored; `env` from Secrets or
-//! ConfigMaps is not resolved (logged).
+//! Shortened for tests: restart and pull back-off run from 1 s to 10 s (a real kubelet: 10 s
+//! to 5 min); probe periods are capped at 2 s and initial delays at 5 s; grace at 10 s.
 
 use std::collections::{BTreeMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Container, Pod, Probe};
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Notify, watch};
 
-use crate::images::ImageCommand;
-use crate::process::{self, Launch, Process};
+use crate::netns::{self, PodNetwork};
+use crate::runtime::{self, Container as Running, UnpackedImage};
+use crate::spec::{self, PreparedVolume};
+use crate::volumes::{self, ServiceAccountFiles};
 use crate::{Shared, SimNode};
 
 /// Longest grace period honoured when stopping a pod.
 const MAX_GRACE: Duration = Duration::from_secs(10);
-/// Longest back-off between restarts of a failing container.
+/// Longest back-off between restarts of a failing container or pulls of a missing image.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 /// The current time as RFC 3339 (seconds).
@@ -200,7 +204,7 @@ async fn reconcile(shared: &Arc<Shared>) -> Result<(), kube::Error> {
         }
         for (uid, h) in handles.iter_mut() {
             if !live.contains(uid) && !h.stopping {
-                tracing::info!(pod = %h.name, node = %h.node, "pod deleted: stopping its processes");
+                tracing::info!(pod = %h.name, node = %h.node, "pod deleted: stopping its containers");
                 h.stopping = true;
                 let _ = h.stop.send(true);
             }
@@ -221,12 +225,13 @@ async fn reconcile(shared: &Arc<Shared>) -> Result<(), kube::Error> {
 struct ContainerModel {
     name: String,
     image: String,
+    image_id: String,
     ready: bool,
     started: bool,
     restart_count: i32,
     state: Value,
     last_state: Value,
-    pid: Option<u32>,
+    container_id: Option<String>,
 }
 
 impl ContainerModel {
@@ -234,19 +239,24 @@ impl ContainerModel {
         Self {
             name: c.name.clone(),
             image: c.image.clone().unwrap_or_default(),
+            image_id: String::new(),
             ready: false,
             started: false,
             restart_count: 0,
             state: json!({"waiting": {"reason": reason}}),
             last_state: json!({}),
-            pid: None,
+            container_id: None,
         }
+    }
+
+    fn waiting(&mut self, reason: &str, message: &str) {
+        self.state = json!({"waiting": {"reason": reason, "message": message}});
     }
 
     fn to_json(&self) -> Value {
         json!({
-            "name": self.name, "image": self.image, "imageID": "",
-            "containerID": self.pid.map(|p| format!("meshlet-local://{p}")),
+            "name": self.name, "image": self.image, "imageID": self.image_id,
+            "containerID": self.container_id,
             "ready": self.ready, "started": self.started, "restartCount": self.restart_count,
             "state": self.state, "lastState": self.last_state,
         })
@@ -256,6 +266,7 @@ impl ContainerModel {
 /// Everything the worker reports in `pod.status`.
 struct PodModel {
     host_ip: String,
+    pod_ip: String,
     start_time: String,
     init: Vec<ContainerModel>,
     main: Vec<ContainerModel>,
@@ -300,12 +311,20 @@ impl PodModel {
         json!({
             "phase": phase,
             "hostIP": self.host_ip, "hostIPs": [{"ip": self.host_ip}],
-            "podIP": self.host_ip, "podIPs": [{"ip": self.host_ip}],
+            "podIP": self.pod_ip, "podIPs": [{"ip": self.pod_ip}],
             "startTime": self.start_time,
             "conditions": conditions,
             "initContainerStatuses": self.init.iter().map(ContainerModel::to_json).collect::<Vec<_>>(),
             "containerStatuses": self.main.iter().map(ContainerModel::to_json).collect::<Vec<_>>(),
         })
+    }
+
+    fn container(&mut self, init: bool, idx: usize) -> &mut ContainerModel {
+        if init {
+            &mut self.init[idx]
+        } else {
+            &mut self.main[idx]
+        }
     }
 }
 
@@ -315,12 +334,24 @@ struct PodCtx {
     api: Api<Pod>,
     pod: Pod,
     name: String,
+    namespace: String,
+    uid: String,
     node: SimNode,
-    kubeconfig: PathBuf,
+    /// `<run_dir>/pods/<uid>`: container bundles, volumes, network namespace.
+    dir: PathBuf,
+    volumes: BTreeMap<String, PreparedVolume>,
+    network: Option<PodNetwork>,
+    pod_ip: IpAddr,
     model: tokio::sync::Mutex<PodModel>,
     pids: Arc<Mutex<BTreeMap<String, u32>>>,
     restart_policy: String,
     grace: Duration,
+}
+
+/// Why a container could not start, with the waiting reason the kubelet reports.
+struct StartFailure {
+    reason: &'static str,
+    message: String,
 }
 
 impl PodCtx {
@@ -341,6 +372,34 @@ impl PodCtx {
         }
     }
 
+    /// Records an Event on the pod, as the kubelet does for failed mounts and pulls.
+    async fn event(&self, reason: &str, message: &str) {
+        let api: Api<k8s_openapi::api::core::v1::Event> =
+            Api::namespaced(self.shared.client.clone(), &self.namespace);
+        let name = format!(
+            "{}.{:x}",
+            self.name,
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default()
+        );
+        let ev = json!({
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": name, "namespace": self.namespace},
+            "involvedObject": {"apiVersion": "v1", "kind": "Pod", "name": self.name,
+                               "namespace": self.namespace, "uid": self.uid},
+            "reason": reason, "message": message, "type": "Warning",
+            "source": {"component": "kubelet", "host": self.node.name},
+            "firstTimestamp": now(), "lastTimestamp": now(), "count": 1,
+        });
+        if let Ok(ev) = serde_json::from_value(ev)
+            && let Err(e) = api.create(&PostParams::default(), &ev).await
+        {
+            tracing::debug!(pod = %self.name, error = %e, "failed to record an event");
+        }
+    }
+
     fn set_pid(&self, container: &str, pid: Option<u32>) {
         if let Ok(mut p) = self.pids.lock() {
             match pid {
@@ -350,122 +409,103 @@ impl PodCtx {
         }
     }
 
-    fn log_path(&self, container: &str) -> PathBuf {
+    /// `/var/log/pods/<ns>_<pod>_<uid>/<container>/<restart>.log` on the node.
+    fn log_path(&self, container: &str, restart: i32) -> PathBuf {
         self.node
-            .run_dir
-            .join(format!("{}_{container}.log", self.name))
+            .pod_logs_dir()
+            .join(format!("{}_{}_{}", self.namespace, self.name, self.uid))
+            .join(container)
+            .join(format!("{restart}.log"))
     }
 
-    /// argv and env of `c` run as `image`.
-    fn launch_of(&self, c: &Container, image: &ImageCommand, port: Option<u16>) -> Launch0 {
-        let argv: Vec<String> = match &c.command {
-            Some(cmd) if !cmd.is_empty() => {
-                cmd.iter().chain(c.args.iter().flatten()).cloned().collect()
-            }
-            _ => std::iter::once(image.program.display().to_string())
-                .chain(image.args_prefix.iter().cloned())
-                .chain(c.args.iter().flatten().cloned())
-                .collect(),
+    /// Creates and starts container `c` (attempt `restart`) from `image`.
+    async fn start_container(
+        &self,
+        c: &Container,
+        image: &UnpackedImage,
+        restart: i32,
+    ) -> Result<Running, StartFailure> {
+        let id = format!(
+            "{}-{}-{}-{restart}",
+            self.node.name,
+            &self.uid[..self.uid.len().min(8)],
+            c.name
+        );
+        let bundle = self
+            .dir
+            .join("containers")
+            .join(format!("{}-{restart}", c.name));
+        let _ = std::fs::remove_dir_all(&bundle);
+        let fail = |reason, e: &dyn std::fmt::Display| StartFailure {
+            reason,
+            message: e.to_string(),
         };
-        let mut env = BTreeMap::new();
-        for e in c.env.iter().flatten() {
-            if let Some(v) = &e.value {
-                env.insert(e.name.clone(), v.clone());
-            } else if let Some(from) = &e.value_from {
-                match from.field_ref.as_ref().map(|f| f.field_path.as_str()) {
-                    Some(path) => match self.field(path) {
-                        Some(v) => {
-                            env.insert(e.name.clone(), v);
-                        }
-                        None => {
-                            tracing::warn!(pod = %self.name, env = %e.name, path, "unsupported fieldRef; left unset")
-                        }
-                    },
-                    None => tracing::warn!(pod = %self.name, env = %e.name,
-                        "env from Secrets/ConfigMaps is not resolved by the local cluster; left unset"),
-                }
+        let rootfs = runtime::mount_rootfs(&image.rootfs, &bundle)
+            .map_err(|e| fail("RunContainerError", &e))?;
+        let cgroups_path = format!(
+            "/{}/kubepods/pod{}/{id}",
+            self.node
+                .cgroup
+                .strip_prefix(&self.shared.cgroup2_mount)
+                .unwrap_or(&self.node.cgroup)
+                .display(),
+            self.uid
+        );
+        let host_network = self.network.is_none();
+        let api = self.shared.server.port();
+        let plan = spec::Plan {
+            pod: &self.pod,
+            container: c,
+            image: image.image.config(),
+            rootfs,
+            volumes: &self.volumes,
+            netns: self.network.as_ref().map(|n| n.path.clone()),
+            cgroups_path,
+            api_service: if host_network {
+                ("127.0.0.1".into(), api)
             } else {
-                env.insert(e.name.clone(), String::new());
+                (netns::API_SERVICE_IP.to_string(), netns::API_SERVICE_PORT)
+            },
+            node_name: &self.node.name,
+            host_ip: self.node.address.to_string(),
+            pod_ip: self.pod_ip.to_string(),
+            etc_hosts: self.dir.join("etc-hosts"),
+            etc_hostname: self.dir.join("etc-hostname"),
+        };
+        let (_, problems) = spec::environment(&plan);
+        for p in problems {
+            tracing::warn!(pod = %self.name, container = %c.name, "{p}");
+        }
+        let config = match spec::build(&plan) {
+            Ok(s) => s,
+            Err(e) => {
+                runtime::unmount(&plan.rootfs);
+                return Err(fail("CreateContainerConfigError", &e));
             }
-        }
-        let n = &self.node;
-        env.insert(
-            "MESHLET_BPFFS_ROOT".into(),
-            n.bpffs_root.display().to_string(),
-        );
-        env.insert("MESHLET_CGROUP".into(), n.cgroup.display().to_string());
-        env.insert(
-            "MESHLET_ADMIN_SOCKET".into(),
-            n.run_dir
-                .join(format!("{}.sock", c.name))
-                .display()
-                .to_string(),
-        );
-        env.insert(
-            "MESHLET_LOCK_FILE".into(),
-            n.run_dir.join("agent.lock").display().to_string(),
-        );
-        if let Some(port) = port {
-            env.insert("MESHLET_METRICS_ADDR".into(), format!("127.0.0.1:{port}"));
-        }
-        env.insert("KUBECONFIG".into(), self.kubeconfig.display().to_string());
-        env.insert("POD_NAME".into(), self.name.clone());
-        env.insert(
-            "POD_NAMESPACE".into(),
-            self.pod.metadata.namespace.clone().unwrap_or_default(),
-        );
-        env.extend(image.env.clone());
-        env.extend(self.shared.node_env(&n.name));
-        Launch0 {
-            argv,
-            env,
-            log: self.log_path(&c.name),
+        };
+        let log = self.log_path(&c.name, restart);
+        match Running::start(&id, &self.shared.runc_root, &bundle, &config, &log).await {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                runtime::unmount(&plan.rootfs);
+                Err(fail("RunContainerError", &e))
+            }
         }
     }
 
-    fn field(&self, path: &str) -> Option<String> {
-        let md = &self.pod.metadata;
-        let spec = self.pod.spec.as_ref();
-        Some(match path {
-            "spec.nodeName" => self.node.name.clone(),
-            "metadata.name" => self.name.clone(),
-            "metadata.namespace" => md.namespace.clone().unwrap_or_default(),
-            "metadata.uid" => md.uid.clone().unwrap_or_default(),
-            "spec.serviceAccountName" => spec
-                .and_then(|s| s.service_account_name.clone())
-                .unwrap_or_else(|| "default".into()),
-            "status.hostIP" | "status.podIP" => self.node.address.to_string(),
-            _ => {
-                let key = path
-                    .strip_prefix("metadata.labels['")
-                    .map(|k| (k, true))
-                    .or_else(|| {
-                        path.strip_prefix("metadata.annotations['")
-                            .map(|k| (k, false))
-                    })?;
-                let name = key.0.strip_suffix("']")?;
-                let map = if key.1 { &md.labels } else { &md.annotations };
-                map.as_ref()?.get(name)?.clone()
-            }
-        })
-    }
-}
-
-/// An owned [`Launch`].
-struct Launch0 {
-    argv: Vec<String>,
-    env: BTreeMap<String, String>,
-    log: PathBuf,
-}
-
-impl Launch0 {
-    fn spawn(&self, cgroup: &std::path::Path) -> Result<Process, process::ProcessError> {
-        process::spawn(&Launch {
-            cgroup,
-            argv: &self.argv,
-            env: &self.env,
-            log: &self.log,
-        })
+    /// Where a probe of `port` connects: the pod's address, reached from inside its network
+    /// namespace when it has one.
+    async fn probe_connect(
+        &self,
+        host: Option<&str>,
+        port: u16,
+    ) -> std::io::Result<tokio::net::TcpStream> {
+        let ip: IpAddr = host.and_then(|h| h.parse().ok()).unwrap_or(self.pod_ip);
+        let addr = SocketAddr::new(ip, port);
+        match &self.network {
+            Some(n) => netns::connect_in(&n.path, addr).await,
+            None => tokio::net::TcpStream::connect(addr).await,
+        }
     }
 }
 
@@ -510,7 +550,10 @@ async fn run_pod(
 ) {
     let uid = pod.metadata.uid.clone().unwrap_or_default();
     let mut stop = merged_stop(&shared, own_stop);
-    run_pod_inner(&shared, pod, node, &mut stop, pids).await;
+    let dir = node.run_dir.join("pods").join(&uid);
+    run_pod_inner(&shared, pod, node, &dir, &mut stop, pids).await;
+    crate::unmount_under(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
     if let Ok(mut handles) = shared.pods.lock() {
         handles.remove(&uid);
     }
@@ -544,10 +587,93 @@ async fn wait_for_predecessor(
     }
 }
 
+/// Pulls every image of the pod, retrying with back-off while one is missing. `None` if the
+/// pod was stopped meanwhile.
+async fn pull_images(
+    ctx: &PodCtx,
+    specs: &[(bool, usize, Container)],
+    stop: &mut watch::Receiver<bool>,
+) -> Option<Vec<Arc<UnpackedImage>>> {
+    let mut backoff = Duration::from_secs(1);
+    let mut first = true;
+    loop {
+        let mut images = Vec::new();
+        let mut errors = Vec::new();
+        for (init, i, c) in specs {
+            match ctx
+                .shared
+                .images
+                .get(c.image.as_deref().unwrap_or_default())
+            {
+                Ok(img) => images.push(img),
+                Err(e) => errors.push((*init, *i, e.to_string())),
+            }
+        }
+        if errors.is_empty() {
+            return Some(images);
+        }
+        let reason = if first {
+            "ErrImagePull"
+        } else {
+            "ImagePullBackOff"
+        };
+        tracing::warn!(pod = %ctx.name, "{reason}: {}", errors[0].2);
+        ctx.event("Failed", &errors[0].2).await;
+        ctx.update(|m| {
+            for (init, i, msg) in &errors {
+                m.container(*init, *i).waiting(reason, msg);
+            }
+        })
+        .await;
+        first = false;
+        if sleep_or_stop(backoff, stop).await {
+            return None;
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// The pod's service-account files (unless `automountServiceAccountToken: false`).
+fn service_account(shared: &Shared, pod: &Pod, node: &SimNode) -> Option<ServiceAccountFiles> {
+    let spec = pod.spec.as_ref()?;
+    if spec.automount_service_account_token == Some(false) {
+        return None;
+    }
+    let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+    let sa = spec
+        .service_account_name
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    Some(ServiceAccountFiles {
+        token: shared.server.token_for_pod(
+            &namespace,
+            &sa,
+            pod.metadata.name.as_deref().unwrap_or_default(),
+            pod.metadata.uid.as_deref().unwrap_or_default(),
+            &node.name,
+        ),
+        ca_pem: shared.server.ca_pem(),
+        namespace,
+    })
+}
+
+/// Writes the pod's `/etc/hosts` and `/etc/hostname`.
+fn write_etc(dir: &std::path::Path, hostname: &str, ip: IpAddr) -> std::io::Result<()> {
+    std::fs::write(
+        dir.join("etc-hosts"),
+        format!(
+            "# Kubernetes-managed hosts file (local test cluster).\n127.0.0.1\tlocalhost\n\
+             ::1\tlocalhost ip6-localhost ip6-loopback\n{ip}\t{hostname}\n"
+        ),
+    )?;
+    std::fs::write(dir.join("etc-hostname"), format!("{hostname}\n"))
+}
+
 async fn run_pod_inner(
     shared: &Arc<Shared>,
     pod: Pod,
     node: SimNode,
+    dir: &std::path::Path,
     stop: &mut watch::Receiver<bool>,
     pids: Arc<Mutex<BTreeMap<String, u32>>>,
 ) {
@@ -557,21 +683,33 @@ async fn run_pod_inner(
     let spec = pod.spec.clone().unwrap_or_default();
     let init_specs = spec.init_containers.clone().unwrap_or_default();
     let main_specs = spec.containers.clone();
-    let sa = spec
-        .service_account_name
-        .clone()
-        .unwrap_or_else(|| "default".into());
+    let host_network = spec.host_network.unwrap_or(false);
+    let pod_ip: IpAddr = if host_network {
+        IpAddr::V4(node.address)
+    } else {
+        let n = shared.next_pod_ip.fetch_add(1, Ordering::SeqCst);
+        IpAddr::V4(Ipv4Addr::new(10, 244, (n >> 8) as u8, n as u8))
+    };
     let api: Api<Pod> = Api::namespaced(shared.client.clone(), &namespace);
-    let kubeconfig = node.run_dir.join(format!("{name}.kubeconfig"));
-    let kc_result = write_kubeconfig(shared, &kubeconfig, &namespace, &sa);
-    let ctx = Arc::new(PodCtx {
+    let grace = spec
+        .termination_grace_period_seconds
+        .map(|s| Duration::from_secs(s.max(0) as u64))
+        .unwrap_or(MAX_GRACE)
+        .min(MAX_GRACE);
+    let mut ctx = PodCtx {
         shared: shared.clone(),
         api,
         name: name.clone(),
+        namespace,
+        uid: uid.clone(),
         node: node.clone(),
-        kubeconfig,
+        dir: dir.to_path_buf(),
+        volumes: BTreeMap::new(),
+        network: None,
+        pod_ip,
         model: tokio::sync::Mutex::new(PodModel {
             host_ip: node.address.to_string(),
+            pod_ip: pod_ip.to_string(),
             start_time: now(),
             init: init_specs
                 .iter()
@@ -599,69 +737,97 @@ async fn run_pod_inner(
             .restart_policy
             .clone()
             .unwrap_or_else(|| "Always".into()),
-        grace: spec
-            .termination_grace_period_seconds
-            .map(|s| Duration::from_secs(s.max(0) as u64))
-            .unwrap_or(MAX_GRACE)
-            .min(MAX_GRACE),
+        grace,
         pod,
-    });
+    };
     ctx.update(|_| {}).await;
     if wait_for_predecessor(shared, &uid, stop).await {
         return;
     }
-    if let Err(e) = kc_result {
-        tracing::warn!(pod = %name, error = %e, "failed to write the pod's kubeconfig");
-    }
 
-    // Resolve every image first: an unknown one leaves the pod Pending with ErrImagePull.
-    let mut images = Vec::new();
-    let mut pull_errors = Vec::new();
-    for (is_init, i, c) in init_specs
+    let specs: Vec<(bool, usize, Container)> = init_specs
         .iter()
         .enumerate()
-        .map(|(i, c)| (true, i, c))
-        .chain(main_specs.iter().enumerate().map(|(i, c)| (false, i, c)))
-    {
-        let image = c.image.clone().unwrap_or_default();
-        match shared.images.get(&image) {
-            Some(cmd) if cmd.program.is_absolute() && !cmd.program.exists() => {
-                pull_errors.push((is_init, i, format!("image {image:?} maps to {}, which does not exist: build it first (cargo build)", cmd.program.display())));
-            }
-            Some(cmd) => images.push(cmd.clone()),
-            None => {
-                let known: Vec<_> = shared.images.iter().map(|(k, _)| k.as_str()).collect();
-                pull_errors.push((
-                    is_init,
-                    i,
-                    format!(
-                        "image {image:?} is not in the local cluster's image table (known: {})",
-                        known.join(", ")
-                    ),
-                ));
-            }
+        .map(|(i, c)| (true, i, c.clone()))
+        .chain(
+            main_specs
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (false, i, c.clone())),
+        )
+        .collect();
+    let Some(images) = pull_images(&ctx, &specs, stop).await else {
+        return;
+    };
+    let image_ids: Vec<String> = images
+        .iter()
+        .map(|i| i.image.digest().to_string())
+        .collect();
+    ctx.update(|m| {
+        for ((init, i, _), id) in specs.iter().zip(&image_ids) {
+            m.container(*init, *i).image_id = id.clone();
         }
-    }
-    if !pull_errors.is_empty() {
-        tracing::warn!(pod = %name, "pod cannot start: {}", pull_errors.iter().map(|e| e.2.as_str()).collect::<Vec<_>>().join("; "));
-        ctx.update(|m| {
-            for (is_init, i, msg) in pull_errors {
-                let c = if is_init {
-                    &mut m.init[i]
-                } else {
-                    &mut m.main[i]
-                };
-                c.state = json!({"waiting": {"reason": "ErrImagePull", "message": msg}});
-            }
-        })
-        .await;
-        while !*stop.borrow() {
-            if stop.changed().await.is_err() {
+    })
+    .await;
+
+    // Volumes, retried while they fail (FailedMount), as a real kubelet does.
+    let sa = service_account(shared, &ctx.pod, &node);
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let prepared = std::fs::create_dir_all(dir)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                volumes::prepare(&ctx.pod, &node, dir, sa.as_ref()).map_err(|e| e.to_string())
+            });
+        match prepared {
+            Ok(v) => {
+                ctx.volumes = v;
                 break;
             }
+            Err(msg) => {
+                tracing::warn!(pod = %name, "FailedMount: {msg}");
+                ctx.event("FailedMount", &msg).await;
+                ctx.update(|m| {
+                    for c in m.init.iter_mut().chain(m.main.iter_mut()) {
+                        c.waiting("ContainerCreating", &msg);
+                    }
+                })
+                .await;
+                if sleep_or_stop(backoff, stop).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
         }
-        return;
     }
+    let hostname = if host_network {
+        node.name.clone()
+    } else {
+        name.clone()
+    };
+    if let Err(e) = write_etc(dir, &hostname, pod_ip) {
+        tracing::warn!(pod = %name, error = %e, "failed to write the pod's /etc files");
+    }
+    if !host_network {
+        let api_addr = SocketAddr::from(([127, 0, 0, 1], shared.server.port()));
+        let IpAddr::V4(v4) = pod_ip else { return };
+        match PodNetwork::create(&dir.join("netns"), v4, api_addr).await {
+            Ok(n) => ctx.network = Some(n),
+            Err(e) => {
+                let msg = format!("failed to create the pod sandbox: {e}");
+                tracing::warn!(pod = %name, "{msg}");
+                ctx.update(|m| {
+                    for c in m.init.iter_mut().chain(m.main.iter_mut()) {
+                        c.waiting("CreatePodSandboxError", &msg);
+                    }
+                })
+                .await;
+                let _ = wait_stop(stop).await;
+                return;
+            }
+        }
+    }
+    let ctx = Arc::new(ctx);
     let (init_images, main_images) = images.split_at(init_specs.len());
 
     // Init containers, in order; a failure is retried with back-off, the pod stays Pending.
@@ -669,18 +835,13 @@ async fn run_pod_inner(
     let mut i = 0;
     while i < init_specs.len() {
         let c = &init_specs[i];
-        let port = wants_port(c).then(free_port).flatten();
-        let launch = ctx.launch_of(c, &init_images[i], port);
+        let restart = ctx.model.lock().await.init[i].restart_count;
         let started = now();
-        let mut proc = match launch.spawn(&node.cgroup) {
-            Ok(p) => p,
-            Err(e) => {
-                let msg = e.to_string();
-                ctx.update(|m| {
-                    m.init[i].state =
-                        json!({"waiting": {"reason": "RunContainerError", "message": msg}});
-                })
-                .await;
+        let mut run = match ctx.start_container(c, &init_images[i], restart).await {
+            Ok(r) => r,
+            Err(f) => {
+                ctx.update(|m| m.init[i].waiting(f.reason, &f.message))
+                    .await;
                 if sleep_or_stop(backoff, stop).await {
                     return;
                 }
@@ -688,28 +849,28 @@ async fn run_pod_inner(
                 continue;
             }
         };
-        ctx.set_pid(&c.name, Some(proc.pid));
-        let pid = proc.pid;
+        ctx.set_pid(&c.name, Some(run.pid));
+        let cid = format!("runc://{}", run.id);
         ctx.update(|m| {
-            m.init[i].pid = Some(pid);
+            m.init[i].container_id = Some(cid);
             m.init[i].state = json!({"running": {"startedAt": started}});
         })
         .await;
-        let status = tokio::select! {
-            s = proc.wait() => s.ok(),
+        let code = tokio::select! {
+            code = run.wait() => code,
             _ = wait_stop(stop) => {
-                proc.stop(ctx.grace).await;
+                run.stop(ctx.grace).await;
                 ctx.set_pid(&c.name, None);
+                run.remove().await;
                 return;
             }
         };
         ctx.set_pid(&c.name, None);
-        let code = status.and_then(|s| exit_code(&s)).unwrap_or(-1);
-        let tail = proc.stderr_tail();
+        let tail = run.log_tail();
+        run.remove().await;
         let finished = now();
         if code == 0 {
             ctx.update(|m| {
-                m.init[i].pid = None;
                 m.init[i].state = json!({"terminated": {"exitCode": 0, "reason": "Completed",
                     "startedAt": started, "finishedAt": finished}});
                 m.init[i].ready = true;
@@ -727,7 +888,6 @@ async fn run_pod_inner(
         tracing::info!(pod = %name, container = %c.name, code, "init container failed; retrying with back-off");
         let never = ctx.restart_policy == "Never";
         ctx.update(|m| {
-            m.init[i].pid = None;
             m.init[i].state = json!({"terminated": {"exitCode": code, "reason": "Error",
                 "message": tail, "startedAt": started, "finishedAt": finished}});
             if never {
@@ -778,36 +938,6 @@ async fn run_pod_inner(
         .await;
         let _ = wait_stop(stop).await;
     }
-    let _ = &ctx.shared;
-}
-
-/// Writes the pod's kubeconfig: the bearer token of its ServiceAccount (kube-rs clients send
-/// it) plus `as:` the same ServiceAccount (kubectl sends no token over plain HTTP, so it
-/// reaches the server as the administrator impersonating the ServiceAccount). Either way the
-/// request runs as the ServiceAccount and the shipped RBAC applies.
-fn write_kubeconfig(
-    shared: &Shared,
-    path: &std::path::Path,
-    namespace: &str,
-    sa: &str,
-) -> std::io::Result<()> {
-    let token = shared.server.token_for(namespace, sa);
-    let text = format!(
-        "# Kubeconfig of pod ServiceAccount {namespace}/{sa} in the local TEST cluster.\n\
-         apiVersion: v1\n\
-         kind: Config\n\
-         clusters:\n\
-         - name: meshlet-local\n  cluster:\n    server: {server}\n\
-         users:\n\
-         - name: {namespace}-{sa}\n  user:\n    token: {token}\n    \
-           as: system:serviceaccount:{namespace}:{sa}\n\
-         contexts:\n\
-         - name: meshlet-local\n  context:\n    cluster: meshlet-local\n    \
-           user: {namespace}-{sa}\n    namespace: {namespace}\n\
-         current-context: meshlet-local\n",
-        server = shared.server.url(),
-    );
-    std::fs::write(path, text)
 }
 
 async fn wait_stop(stop: &mut watch::Receiver<bool>) {
@@ -818,23 +948,11 @@ async fn wait_stop(stop: &mut watch::Receiver<bool>) {
     }
 }
 
-fn exit_code(s: &std::process::ExitStatus) -> Option<i32> {
-    use std::os::unix::process::ExitStatusExt;
-    s.code().or_else(|| s.signal().map(|sig| 128 + sig))
-}
-
-fn wants_port(c: &Container) -> bool {
-    c.ports.as_ref().is_some_and(|p| !p.is_empty())
-        || c.readiness_probe.is_some()
-        || c.liveness_probe.is_some()
-}
-
-/// A free TCP port on 127.0.0.1 (bound, then released).
-fn free_port() -> Option<u16> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .ok()
+/// What a probe loop tells its container's supervisor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProbeKind {
+    Readiness,
+    Liveness,
 }
 
 /// Runs one container: start, report, restart on exit (per restartPolicy), stop on request.
@@ -842,27 +960,23 @@ async fn supervise(
     ctx: Arc<PodCtx>,
     idx: usize,
     c: Container,
-    image: ImageCommand,
+    image: Arc<UnpackedImage>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let port = wants_port(&c).then(free_port).flatten();
     let mut backoff = Duration::from_secs(1);
     loop {
         if *stop.borrow() {
             return;
         }
-        let launch = ctx.launch_of(&c, &image, port);
+        let restart = ctx.model.lock().await.main[idx].restart_count;
         let started = now();
         let t0 = Instant::now();
-        let mut proc = match launch.spawn(&ctx.node.cgroup) {
-            Ok(p) => p,
-            Err(e) => {
-                let msg = e.to_string();
-                ctx.update(|m| {
-                    m.main[idx].state =
-                        json!({"waiting": {"reason": "RunContainerError", "message": msg}});
-                })
-                .await;
+        let mut run = match ctx.start_container(&c, &image, restart).await {
+            Ok(r) => r,
+            Err(f) => {
+                tracing::warn!(pod = %ctx.name, container = %c.name, "{}: {}", f.reason, f.message);
+                ctx.update(|m| m.main[idx].waiting(f.reason, &f.message))
+                    .await;
                 if sleep_or_stop(backoff, &mut stop).await {
                     return;
                 }
@@ -870,48 +984,60 @@ async fn supervise(
                 continue;
             }
         };
-        let pid = proc.pid;
-        ctx.set_pid(&c.name, Some(pid));
-        let probed = c
-            .readiness_probe
-            .as_ref()
-            .and_then(|p| p.http_get.as_ref())
-            .is_some();
+        ctx.set_pid(&c.name, Some(run.pid));
+        let cid = format!("runc://{}", run.id);
+        let probed = c.readiness_probe.is_some();
         ctx.update(|m| {
             let s = &mut m.main[idx];
-            s.pid = Some(pid);
+            s.container_id = Some(cid);
             s.started = true;
             s.ready = !probed;
             s.state = json!({"running": {"startedAt": started}});
         })
         .await;
         let (probe_stop, probe_rx) = watch::channel(false);
-        let probe = match (&c.readiness_probe, port) {
-            (Some(p), Some(port)) if p.http_get.is_some() => Some(tokio::spawn(probe_loop(
-                ctx.clone(),
-                idx,
-                p.clone(),
-                port,
-                probe_rx,
-            ))),
-            _ => None,
-        };
-        let status = tokio::select! {
-            s = proc.wait() => s.ok(),
+        let (liveness_tx, mut liveness_failed) = tokio::sync::mpsc::channel::<String>(1);
+        let mut probes = Vec::new();
+        for (kind, p) in [
+            (ProbeKind::Readiness, &c.readiness_probe),
+            (ProbeKind::Liveness, &c.liveness_probe),
+        ] {
+            if let Some(p) = p {
+                probes.push(tokio::spawn(probe_loop(
+                    ctx.clone(),
+                    idx,
+                    c.clone(),
+                    run.id.clone(),
+                    kind,
+                    p.clone(),
+                    liveness_tx.clone(),
+                    probe_rx.clone(),
+                )));
+            }
+        }
+        let code = tokio::select! {
+            code = run.wait() => code,
+            Some(why) = liveness_failed.recv() => {
+                tracing::info!(pod = %ctx.name, container = %c.name, "liveness probe failed ({why}); restarting");
+                ctx.event("Unhealthy", &format!("Liveness probe failed: {why}")).await;
+                run.stop(ctx.grace).await
+            }
             _ = wait_stop(&mut stop) => {
                 let _ = probe_stop.send(true);
-                if let Some(p) = probe { let _ = p.await; }
-                proc.stop(ctx.grace).await;
+                for p in probes { let _ = p.await; }
+                run.stop(ctx.grace).await;
                 ctx.set_pid(&c.name, None);
+                run.remove().await;
                 return;
             }
         };
         let _ = probe_stop.send(true);
-        if let Some(p) = probe {
+        for p in probes {
             let _ = p.await;
         }
         ctx.set_pid(&c.name, None);
-        let code = status.as_ref().and_then(exit_code).unwrap_or(-1);
+        let tail = run.log_tail();
+        run.remove().await;
         let finished = now();
         let restart = match ctx.restart_policy.as_str() {
             "Never" => false,
@@ -919,21 +1045,24 @@ async fn supervise(
             _ => true,
         };
         tracing::info!(pod = %ctx.name, container = %c.name, code, restart, "container exited");
-        let terminated = json!({"terminated": {"exitCode": code,
+        let mut terminated = json!({"terminated": {"exitCode": code,
             "reason": if code == 0 { "Completed" } else { "Error" },
             "startedAt": started, "finishedAt": finished}});
+        if code != 0 && c.termination_message_policy.as_deref() == Some("FallbackToLogsOnError") {
+            terminated["terminated"]["message"] = json!(tail);
+        }
         if t0.elapsed() > Duration::from_secs(10) {
             backoff = Duration::from_secs(1);
         }
         ctx.update(|m| {
             let s = &mut m.main[idx];
-            s.pid = None;
             s.ready = false;
             if restart {
                 s.restart_count += 1;
                 s.last_state = terminated.clone();
                 s.state = json!({"waiting": {"reason": "CrashLoopBackOff",
-                    "message": format!("back-off {}s restarting failed container {}", backoff.as_secs(), c.name)}});
+                    "message": format!("back-off {}s restarting failed container={} pod={}_{}({})",
+                        backoff.as_secs(), c.name, ctx.name, ctx.namespace, ctx.uid)}});
             } else {
                 s.state = terminated.clone();
             }
@@ -946,19 +1075,100 @@ async fn supervise(
     }
 }
 
-/// Readiness probe: HTTP GET on the container's allocated port.
+/// The port a probe names: a number, or the name of one of the container's ports.
+fn probe_port(c: &Container, port: &IntOrString) -> Option<u16> {
+    match port {
+        IntOrString::Int(p) => u16::try_from(*p).ok(),
+        IntOrString::String(name) => c
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some(name))
+            .and_then(|p| u16::try_from(p.container_port).ok()),
+    }
+}
+
+/// One probe attempt; `Err` says why it failed.
+async fn probe_once(ctx: &PodCtx, c: &Container, id: &str, probe: &Probe) -> Result<(), String> {
+    let timeout = Duration::from_secs(probe.timeout_seconds.unwrap_or(1).clamp(1, 10) as u64);
+    let attempt = async {
+        if let Some(h) = &probe.http_get {
+            let port = probe_port(c, &h.port).ok_or("unknown probe port")?;
+            let path = h.path.clone().unwrap_or_else(|| "/".into());
+            let mut s = ctx
+                .probe_connect(h.host.as_deref(), port)
+                .await
+                .map_err(|e| format!("Get \"http://{}:{port}{path}\": {e}", ctx.pod_ip))?;
+            s.write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: {}:{port}\r\nUser-Agent: kube-probe/1.37\r\nConnection: close\r\n\r\n", ctx.pod_ip)
+                    .as_bytes(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            let mut buf = [0u8; 64];
+            let mut n = 0;
+            while n < 12 {
+                let r = s.read(&mut buf[n..]).await.map_err(|e| e.to_string())?;
+                if r == 0 {
+                    break;
+                }
+                n += r;
+            }
+            let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let code = head
+                .split_whitespace()
+                .nth(1)
+                .and_then(|c| c.parse::<u16>().ok())
+                .unwrap_or(0);
+            if (200..400).contains(&code) {
+                Ok(())
+            } else {
+                Err(format!("HTTP probe failed with statuscode: {code}"))
+            }
+        } else if let Some(t) = &probe.tcp_socket {
+            let port = probe_port(c, &t.port).ok_or("unknown probe port")?;
+            ctx.probe_connect(t.host.as_deref(), port)
+                .await
+                .map(|_| ())
+                .map_err(|e| format!("dial tcp {}:{port}: {e}", ctx.pod_ip))
+        } else if let Some(e) = &probe.exec {
+            let out = runtime::runc_command(&ctx.shared.runc_root)
+                .arg("exec")
+                .arg(id)
+                .args(e.command.iter().flatten())
+                .output()
+                .await
+                .map_err(|e| e.to_string())?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "command exited with {}: {}",
+                    out.status.code().unwrap_or(-1),
+                    String::from_utf8_lossy(&out.stdout).trim()
+                ))
+            }
+        } else {
+            Err("probe has no handler".into())
+        }
+    };
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .unwrap_or_else(|_| Err("probe timed out".into()))
+}
+
+/// A readiness or liveness probe loop of one container run.
+#[allow(clippy::too_many_arguments)]
 async fn probe_loop(
     ctx: Arc<PodCtx>,
     idx: usize,
+    c: Container,
+    id: String,
+    kind: ProbeKind,
     probe: Probe,
-    port: u16,
+    liveness_failed: tokio::sync::mpsc::Sender<String>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let path = probe
-        .http_get
-        .as_ref()
-        .and_then(|h| h.path.clone())
-        .unwrap_or_else(|| "/".into());
     let delay = Duration::from_secs(probe.initial_delay_seconds.unwrap_or(0).clamp(0, 5) as u64);
     let period = Duration::from_secs(probe.period_seconds.unwrap_or(10).clamp(1, 2) as u64);
     let failure_threshold = probe.failure_threshold.unwrap_or(3).max(1);
@@ -968,56 +1178,44 @@ async fn probe_loop(
     let mut ready = false;
     let mut failures = 0;
     loop {
-        let ok = http_ok(port, &path).await;
-        let now_ready = if ok {
-            failures = 0;
-            true
-        } else {
-            failures += 1;
-            ready && failures < failure_threshold
-        };
-        if now_ready != ready {
-            ready = now_ready;
-            ctx.update(|m| m.main[idx].ready = now_ready).await;
+        let result = probe_once(&ctx, &c, &id, &probe).await;
+        match kind {
+            ProbeKind::Readiness => {
+                let now_ready = match &result {
+                    Ok(()) => {
+                        failures = 0;
+                        true
+                    }
+                    Err(_) => {
+                        failures += 1;
+                        ready && failures < failure_threshold
+                    }
+                };
+                if now_ready != ready {
+                    ready = now_ready;
+                    ctx.update(|m| m.main[idx].ready = now_ready).await;
+                }
+            }
+            ProbeKind::Liveness => match result {
+                Ok(()) => failures = 0,
+                Err(why) => {
+                    failures += 1;
+                    if failures >= failure_threshold {
+                        let _ = liveness_failed.send(why).await;
+                        return;
+                    }
+                }
+            },
         }
-        // Probe quickly until first ready, then at the (capped) period.
-        let wait = if ready {
-            period
-        } else {
+        // Readiness probes quickly until first ready, then at the (capped) period.
+        let wait = if kind == ProbeKind::Readiness && !ready {
             Duration::from_millis(250)
+        } else {
+            period
         };
         if sleep_or_stop(wait, &mut stop).await {
             return;
         }
-    }
-}
-
-async fn http_ok(port: u16, path: &str) -> bool {
-    let attempt = async {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await?;
-        let mut buf = [0u8; 64];
-        let mut n = 0;
-        while n < 12 {
-            let r = s.read(&mut buf[n..]).await?;
-            if r == 0 {
-                break;
-            }
-            n += r;
-        }
-        Ok::<_, std::io::Error>(String::from_utf8_lossy(&buf[..n]).into_owned())
-    };
-    match tokio::time::timeout(Duration::from_secs(2), attempt).await {
-        Ok(Ok(head)) => head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse::<u16>().ok())
-            .is_some_and(|c| (200..400).contains(&c)),
-        _ => false,
     }
 }
 

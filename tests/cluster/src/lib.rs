@@ -1,27 +1,33 @@
 //! A local multi-node **test** cluster for Meshlet's end-to-end tests and demo. Not for
 //! production: production means a real Kubernetes cluster.
 //!
-//! It starts the in-process API test server (`meshlet-test-apiserver`, with Meshlet's CRDs),
-//! registers simulated Nodes, and plays the parts of a cluster the operator and the agents
-//! need: the DaemonSet and Deployment controllers and, for every Pod bound to a simulated
-//! node, the kubelet — running the Pod's containers as real processes in the node's own
-//! cgroup, with the node's own bpffs root.
+//! It starts the in-process API test server (`meshlet-test-apiserver`, HTTPS with a CA of its
+//! own), registers simulated Nodes, and plays the parts of a cluster Meshlet needs: the
+//! DaemonSet and Deployment controllers and, for every Pod bound to a simulated node, the
+//! kubelet. The kubelet runs each container from its OCI image with `runc`, translating the
+//! PodSpec the way containerd's CRI plugin does; a pod sees what a real kubelet gives it and
+//! nothing more.
 //!
 //! ```text
-//!   kubectl / operator / agents ──HTTP──► TestApiServer (in process)
+//!   kubectl / operator / agents ──HTTPS──► TestApiServer (in process)
 //!                                              ▲      │ watch
 //!             status (DaemonSet, Deployment)   │      ▼
 //!          controllers::run ◄─── watch ────────┤  DaemonSets, Deployments, Nodes, Pods
 //!             │ create / delete Pods           │
 //!             ▼                                │ status (Pod)
 //!          kubelet::run ── per Pod worker ─────┘
-//!             │ images::ImageTable (image → program)
-//!             ▼
-//!          process::spawn ──► real process in <cgroup_base>/<node>, env MESHLET_BPFFS_ROOT=
-//!                             <bpffs_base>/<node> (+ the node's extra env), logs in
-//!                             <run_dir>/<node>/; with xfrm recording the agent's "kernel"
-//!                             xfrm state is <run_dir>/<node>/xfrm.json ──► xfrm::read
+//!             │ runtime::ImageStore (<images dir>/<ref>.tar, unpacked once)
+//!             │ volumes::prepare (hostPath on the node's root, emptyDir, SA token)
+//!             │ netns::PodNetwork (pods without hostNetwork)
+//!             ▼ spec::build (OCI runtime spec)
+//!          runtime::Container ──► runc run: namespaces, cgroup <node cgroup>/kubepods/…,
+//!                                 logs in <node root>/var/log/pods/…
 //! ```
+//!
+//! Each node has a "host" root of its own (a shared mount): a hostPath `/sys/fs/bpf` of a pod
+//! on node-2 is `<dir>/node-2/root/sys/fs/bpf`, and `/sys/fs/cgroup` is node-2's cgroup2
+//! subtree. All nodes share this machine's network namespace, each with its own loopback
+//! address.
 //!
 //! Use [`LocalCluster::start`] from tests, or the `meshlet-local-cluster` binary
 //! (`hack/local-cluster up|down|status`) by hand and from the demo.
@@ -29,7 +35,11 @@
 pub mod controllers;
 pub mod images;
 pub mod kubelet;
+pub mod netns;
 pub mod process;
+pub mod runtime;
+pub mod spec;
+pub mod volumes;
 pub mod xfrm;
 
 use std::collections::{BTreeMap, HashMap};
@@ -46,13 +56,11 @@ use serde_json::json;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
-pub use images::{ImageCommand, ImageTable, default_images};
+pub use images::default_images_dir;
 pub use nix::sys::signal::Signal;
 
-/// Default parent of the per-cluster cgroup directories.
-pub const DEFAULT_CGROUP_PARENT: &str = "/sys/fs/cgroup/unified/meshlet-local";
-/// Default parent of the per-cluster bpffs directories.
-pub const DEFAULT_BPFFS_PARENT: &str = "/sys/fs/bpf/meshlet-local";
+/// Name of the directory, under the cgroup2 mount, holding the local clusters' node cgroups.
+pub const CGROUP_PARENT: &str = "meshlet-local";
 
 static NEXT_ID: AtomicU32 = AtomicU32::new(0);
 
@@ -68,13 +76,25 @@ pub enum ClusterError {
     /// A directory of the cluster could not be created.
     #[error("failed to create {what} directory {path}")]
     CreateDir {
-        /// Which directory (cgroup, bpffs, run).
+        /// Which directory (cgroup, node root, run).
         what: &'static str,
         /// Path.
         path: PathBuf,
         /// Underlying error.
         #[source]
         source: std::io::Error,
+    },
+    /// No cgroup2 hierarchy is mounted on this machine.
+    #[error("no cgroup2 mount found in /proc/self/mountinfo: the local cluster needs cgroup v2")]
+    NoCgroup2,
+    /// A node's root could not be made a shared mount.
+    #[error("failed to make the node root {path} a shared mount (mountPropagation needs it)")]
+    SharedRoot {
+        /// The node root.
+        path: PathBuf,
+        /// Underlying error.
+        #[source]
+        source: nix::Error,
     },
     /// A Node object could not be registered or removed.
     #[error("failed to register node {node}")]
@@ -109,6 +129,15 @@ pub enum ClusterError {
         #[source]
         source: nix::Error,
     },
+    /// A file of a node could not be written.
+    #[error("failed to write {path}")]
+    WriteFile {
+        /// Path.
+        path: PathBuf,
+        /// Underlying error.
+        #[source]
+        source: std::io::Error,
+    },
     /// Cleaning up a directory failed.
     #[error(transparent)]
     Cleanup(#[from] process::ProcessError),
@@ -121,28 +150,17 @@ pub struct ClusterOptions {
     pub nodes: usize,
     /// Extra labels put on every node.
     pub node_labels: BTreeMap<String, String>,
-    /// Image reference → local program.
-    pub images: ImageTable,
-    /// Directory for kubeconfigs, per-node run directories and logs; a temporary directory
-    /// (removed at shutdown) when `None`.
+    /// Directory of image archives (`cargo xtask images`); [`default_images_dir`] when `None`.
+    pub images_dir: Option<PathBuf>,
+    /// Directory for kubeconfigs, the nodes' roots and state; a temporary directory (removed
+    /// at shutdown) when `None`.
     pub dir: Option<PathBuf>,
-    /// Name of this cluster, used in the default cgroup and bpffs paths; unique per process
-    /// when `None`.
+    /// Name of this cluster, used in the default cgroup path; unique per process when `None`.
     pub cluster_id: Option<String>,
-    /// Parent of the nodes' cgroups (default `/sys/fs/cgroup/unified/meshlet-local/<id>`).
+    /// Parent of the nodes' cgroups (default `<cgroup2 mount>/meshlet-local/<id>`).
     pub cgroup_base: Option<PathBuf>,
-    /// Parent of the nodes' bpffs roots (default `/sys/fs/bpf/meshlet-local/<id>`).
-    pub bpffs_base: Option<PathBuf>,
     /// TCP port of the API server on 127.0.0.1 (0: any free port).
     pub api_port: u16,
-    /// Extra environment of every container on every node, including nodes added later
-    /// (it wins over the container env, the node-local overrides and the image env).
-    /// Per-node changes: [`LocalCluster::set_node_env`].
-    pub node_env: BTreeMap<String, String>,
-    /// Give every node's containers `MESHLET_IPSEC_XFRM=recording:<run_dir>/xfrm.json`: the
-    /// agent keeps its xfrm states and policies in that file instead of the kernel (for hosts
-    /// without ESP); it survives agent restarts on that node and [`xfrm::read`] reads it.
-    pub xfrm_recording: bool,
 }
 
 impl Default for ClusterOptions {
@@ -150,14 +168,11 @@ impl Default for ClusterOptions {
         Self {
             nodes: 1,
             node_labels: BTreeMap::new(),
-            images: ImageTable::new(),
+            images_dir: None,
             dir: None,
             cluster_id: None,
             cgroup_base: None,
-            bpffs_base: None,
             api_port: 0,
-            node_env: BTreeMap::new(),
-            xfrm_recording: false,
         }
     }
 }
@@ -167,21 +182,49 @@ impl Default for ClusterOptions {
 pub struct SimNode {
     /// Node name (`node-<i>`).
     pub name: String,
-    /// The node's cgroup: every process of its pods runs here.
+    /// The node's cgroup2 subtree: what `/sys/fs/cgroup` is on this node. Its pods' cgroups
+    /// are below it (`kubepods/pod<uid>/<container>`).
     pub cgroup: PathBuf,
-    /// The node's bpffs root (`MESHLET_BPFFS_ROOT` of its pods).
+    /// The node's "host" root: a hostPath `/x` of a pod on this node is `<root>/x` (except
+    /// `/sys/fs/cgroup`, which is [`SimNode::cgroup`]). A shared mount, so
+    /// `mountPropagation` works as on a real node.
+    pub root: PathBuf,
+    /// Where the agent pins on this node: `<root>/sys/fs/bpf/meshlet` (the MeshConfig's
+    /// default `spec.agent.bpffsPath`).
     pub bpffs_root: PathBuf,
-    /// Logs, admin sockets and the agent lock of this node.
+    /// The kubelet's state for this node (pod directories, container roots).
     pub run_dir: PathBuf,
-    /// InternalIP (`127.0.1.<i>`), also hostIP/podIP of its pods.
+    /// InternalIP (`127.0.1.<i>`), also hostIP/podIP of its hostNetwork pods.
     pub address: Ipv4Addr,
 }
 
 impl SimNode {
-    /// Where this node's agent keeps its recorded xfrm state when the cluster runs with
-    /// [`ClusterOptions::xfrm_recording`]: `<run_dir>/xfrm.json`.
+    /// The path on this machine of the node's host path `path` (absolute).
+    pub fn host_path(&self, path: &str) -> PathBuf {
+        let rel = path.trim_start_matches('/');
+        match rel.strip_prefix("sys/fs/cgroup") {
+            Some(rest) if rest.is_empty() || rest.starts_with('/') => {
+                self.cgroup.join(rest.trim_start_matches('/'))
+            }
+            _ => self.root.join(rel),
+        }
+    }
+
+    /// Where this node's agent keeps its recorded xfrm state when it runs an image with
+    /// `MESHLET_IPSEC_XFRM=recording:/run/meshlet/xfrm.json` (the `v1`/`v2` test images):
+    /// the node's `/run/meshlet/xfrm.json`.
     pub fn xfrm_path(&self) -> PathBuf {
-        self.run_dir.join(xfrm::FILE_NAME)
+        self.host_path("/run/meshlet").join(xfrm::FILE_NAME)
+    }
+
+    /// The node's `/var/log/pods` directory (`<namespace>_<pod>_<uid>/<container>/<n>.log`).
+    pub fn pod_logs_dir(&self) -> PathBuf {
+        self.host_path("/var/log/pods")
+    }
+
+    /// The agent's admin socket on this node (`/run/meshlet/agent.sock`).
+    pub fn admin_socket(&self) -> PathBuf {
+        self.host_path("/run/meshlet/agent.sock")
     }
 }
 
@@ -190,10 +233,14 @@ pub(crate) struct Shared {
     pub(crate) client: kube::Client,
     pub(crate) server: Arc<TestApiServer>,
     pub(crate) nodes: RwLock<BTreeMap<String, SimNode>>,
-    pub(crate) images: ImageTable,
+    pub(crate) images: runtime::ImageStore,
     pub(crate) pods: Mutex<HashMap<String, kubelet::PodHandle>>,
-    /// Extra environment of the containers on each node, by node name.
-    pub(crate) node_env: RwLock<BTreeMap<String, BTreeMap<String, String>>>,
+    /// runc's state directory for this cluster's containers.
+    pub(crate) runc_root: PathBuf,
+    /// The cgroup2 mount of this machine (runc's cgroupsPath is relative to it).
+    pub(crate) cgroup2_mount: PathBuf,
+    /// Next pod IP (10.244.0.0/16) for pods without hostNetwork.
+    pub(crate) next_pod_ip: AtomicU32,
     /// Signalled whenever a pod worker starts, stops or finishes.
     pub(crate) pods_changed: Notify,
     pub(crate) stop: watch::Sender<bool>,
@@ -202,14 +249,6 @@ pub(crate) struct Shared {
 impl Shared {
     pub(crate) fn node(&self, name: &str) -> Option<SimNode> {
         self.nodes.read().ok()?.get(name).cloned()
-    }
-    /// The extra environment of containers on `name` (empty for an unknown node).
-    pub(crate) fn node_env(&self, name: &str) -> BTreeMap<String, String> {
-        self.node_env
-            .read()
-            .ok()
-            .and_then(|e| e.get(name).cloned())
-            .unwrap_or_default()
     }
     pub(crate) fn node_names(&self) -> Vec<String> {
         self.nodes
@@ -220,23 +259,20 @@ impl Shared {
 }
 
 /// A running local test cluster. Call [`LocalCluster::shutdown`] to stop it cleanly;
-/// dropping it kills its processes but leaves cgroup and bpffs directories behind.
+/// dropping it kills its containers and removes what it can.
 pub struct LocalCluster {
     shared: Arc<Shared>,
     cgroup_base: PathBuf,
-    bpffs_base: PathBuf,
     dir: PathBuf,
     _tempdir: Option<tempfile::TempDir>,
     tasks: Vec<JoinHandle<()>>,
     next_node: usize,
     node_labels: BTreeMap<String, String>,
-    node_env: BTreeMap<String, String>,
-    xfrm_recording: bool,
     cleaned: bool,
 }
 
 impl LocalCluster {
-    /// Starts the API server, registers the nodes (creating their cgroup, bpffs and run
+    /// Starts the API server, registers the nodes (creating their cgroup and root
     /// directories) and starts the controllers and the kubelet.
     pub async fn start(opts: ClusterOptions) -> Result<Self, ClusterError> {
         let id = opts.cluster_id.clone().unwrap_or_else(|| {
@@ -261,14 +297,11 @@ impl LocalCluster {
             }
         };
         create_dir("run", &dir)?;
+        let cgroup2_mount = runtime::cgroup2_mount().ok_or(ClusterError::NoCgroup2)?;
         let cgroup_base = opts
             .cgroup_base
             .clone()
-            .unwrap_or_else(|| Path::new(DEFAULT_CGROUP_PARENT).join(&id));
-        let bpffs_base = opts
-            .bpffs_base
-            .clone()
-            .unwrap_or_else(|| Path::new(DEFAULT_BPFFS_PARENT).join(&id));
+            .unwrap_or_else(|| cgroup2_mount.join(CGROUP_PARENT).join(&id));
         let server = TestApiServer::start(ServerOptions {
             port: opts.api_port,
             dir: Some(dir.clone()),
@@ -279,27 +312,27 @@ impl LocalCluster {
         .map_err(ClusterError::StartApiServer)?;
         let client = server.client().await.map_err(ClusterError::BuildClient)?;
         let (stop, _) = watch::channel(false);
+        let images_dir = opts.images_dir.clone().unwrap_or_else(default_images_dir);
         let shared = Arc::new(Shared {
             client,
             server: Arc::new(server),
             nodes: RwLock::new(BTreeMap::new()),
-            images: opts.images.clone(),
+            images: runtime::ImageStore::new(images_dir, dir.join("images")),
             pods: Mutex::new(HashMap::new()),
-            node_env: RwLock::new(BTreeMap::new()),
+            runc_root: dir.join("runc"),
+            cgroup2_mount,
+            next_pod_ip: AtomicU32::new(2),
             pods_changed: Notify::new(),
             stop,
         });
         let mut cluster = Self {
             shared: shared.clone(),
             cgroup_base,
-            bpffs_base,
             dir,
             _tempdir: tempdir,
             tasks: Vec::new(),
             next_node: 0,
             node_labels: opts.node_labels.clone(),
-            node_env: opts.node_env.clone(),
-            xfrm_recording: opts.xfrm_recording,
             cleaned: false,
         };
         for _ in 0..opts.nodes {
@@ -314,30 +347,56 @@ impl LocalCluster {
 
     /// Registers one more node (`node-<n+1>`) and returns its name.
     pub async fn add_node(&mut self) -> Result<String, ClusterError> {
-        self.add_node_with_env(BTreeMap::new()).await
+        self.add_node_with(|_| Ok(())).await
     }
 
-    /// Registers one more node whose containers get `env` on top of the cluster-wide
-    /// [`ClusterOptions::node_env`] from their very first start (e.g. an agent that refuses
-    /// an algorithm), and returns its name.
-    pub async fn add_node_with_env(
+    /// Registers one more node whose kernel lacks the IPsec algorithms `missing` from its
+    /// first agent on (see [`LocalCluster::set_missing_xfrm_algorithms`]).
+    pub async fn add_node_missing_xfrm_algorithms(
         &mut self,
-        extra_env: BTreeMap<String, String>,
+        missing: &[&str],
+    ) -> Result<String, ClusterError> {
+        let list = missing.join("\n") + "\n";
+        self.add_node_with(move |n| {
+            let path = n.xfrm_path().with_file_name(xfrm::REFUSED_FILE_NAME);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::write(path, list)
+        })
+        .await
+    }
+
+    /// Registers one more node after `prepare` has set up its host files, and returns its
+    /// name.
+    async fn add_node_with(
+        &mut self,
+        prepare: impl FnOnce(&SimNode) -> std::io::Result<()>,
     ) -> Result<String, ClusterError> {
         self.next_node += 1;
         let i = self.next_node;
         let name = format!("node-{i}");
         let address = Ipv4Addr::new(127, 0, 1, (i % 250) as u8 + u8::from(i >= 250));
+        let node_dir = self.dir.join(&name);
+        let root = node_dir.join("root");
         let node = SimNode {
             cgroup: self.cgroup_base.join(&name),
-            bpffs_root: self.bpffs_base.join(&name),
-            run_dir: self.dir.join(&name),
+            bpffs_root: root.join("sys/fs/bpf/meshlet"),
+            run_dir: node_dir.join("kubelet"),
+            root: root.clone(),
             address,
             name: name.clone(),
         };
         create_dir("cgroup", &node.cgroup)?;
-        create_dir("bpffs", &node.bpffs_root)?;
         create_dir("run", &node.run_dir)?;
+        for d in ["sys/fs/bpf", "run", "var/log/pods", "etc"] {
+            create_dir("node root", &root.join(d))?;
+        }
+        make_shared_mount(&root)?;
+        prepare(&node).map_err(|source| ClusterError::WriteFile {
+            path: root.clone(),
+            source,
+        })?;
         let mut labels = self.node_labels.clone();
         labels.insert("kubernetes.io/hostname".into(), name.clone());
         labels.insert("kubernetes.io/os".into(), "linux".into());
@@ -369,57 +428,45 @@ impl LocalCluster {
                 "lastHeartbeatTime": now, "lastTransitionTime": now}],
             "nodeInfo": {"kubeletVersion": "meshlet-local", "operatingSystem": "linux",
                 "architecture": std::env::consts::ARCH, "kernelVersion": kernel_version(),
-                "containerRuntimeVersion": "meshlet-local://process", "osImage": "local",
+                "containerRuntimeVersion": "runc://local", "osImage": "local",
                 "machineID": "", "systemUUID": "", "bootID": "", "kubeProxyVersion": ""},
         }});
         api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
             .await
             .map_err(reg)?;
-        let mut env = self.node_env.clone();
-        if self.xfrm_recording {
-            env.insert(
-                xfrm::XFRM_ENV.into(),
-                format!("recording:{}", node.xfrm_path().display()),
-            );
-        }
-        env.extend(extra_env);
-        if let Ok(mut all) = self.shared.node_env.write() {
-            all.entry(name.clone()).or_default().extend(env);
-        }
         if let Ok(mut nodes) = self.shared.nodes.write() {
             nodes.insert(name.clone(), node);
         }
         Ok(name)
     }
 
-    /// Sets (`Some`) or removes (`None`) one extra environment variable of the containers
-    /// on `node`. It applies from the next start of a container there: delete the agent pod
-    /// or kill its container (e.g. [`LocalCluster::kill_container`]) to apply it now.
-    pub fn set_node_env(
+    /// Makes the simulated kernel of `node` lack the IPsec algorithms `algorithms` (empty:
+    /// none missing), as a kernel without the module would: the node's xfrm recording refuses
+    /// them. Applies from the agent's next start on that node.
+    pub fn set_missing_xfrm_algorithms(
         &self,
         node: &str,
-        name: &str,
-        value: Option<&str>,
+        algorithms: &[&str],
     ) -> Result<(), ClusterError> {
-        if self.shared.node(node).is_none() {
-            return Err(ClusterError::UnknownNode(node.into()));
+        let n = self.node(node)?;
+        let path = n.xfrm_path().with_file_name(xfrm::REFUSED_FILE_NAME);
+        let write = |r: std::io::Result<()>| {
+            r.map_err(|source| ClusterError::WriteFile {
+                path: path.clone(),
+                source,
+            })
+        };
+        if let Some(parent) = path.parent() {
+            write(std::fs::create_dir_all(parent))?;
         }
-        if let Ok(mut all) = self.shared.node_env.write() {
-            let env = all.entry(node.to_string()).or_default();
-            match value {
-                Some(v) => env.insert(name.to_string(), v.to_string()),
-                None => env.remove(name),
-            };
+        if algorithms.is_empty() {
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => write(Err(e))?,
+                _ => {}
+            }
+            return Ok(());
         }
-        Ok(())
-    }
-
-    /// The extra environment of the containers on `node` (see [`ClusterOptions::node_env`]).
-    pub fn node_env(&self, node: &str) -> Result<BTreeMap<String, String>, ClusterError> {
-        if self.shared.node(node).is_none() {
-            return Err(ClusterError::UnknownNode(node.into()));
-        }
-        Ok(self.shared.node_env(node))
+        write(std::fs::write(&path, algorithms.join("\n") + "\n"))
     }
 
     /// Deletes a node: its Node object goes away, so its DaemonSet pods are deleted and
@@ -467,9 +514,9 @@ impl LocalCluster {
         &self.cgroup_base
     }
 
-    /// Parent of the nodes' bpffs roots.
-    pub fn bpffs_base(&self) -> &Path {
-        &self.bpffs_base
+    /// Directory of the image archives the kubelet runs.
+    pub fn images_dir(&self) -> &Path {
+        self.shared.images.dir()
     }
 
     /// A simulated node by name.
@@ -520,10 +567,9 @@ impl LocalCluster {
         Ok(pid)
     }
 
-    /// Stops every process this cluster started (SIGTERM, then SIGKILL after the pod's grace
-    /// period, at most 10 s), stops the API server, removes the nodes' cgroups (moving
-    /// processes it did not start to the cgroup root first) and their bpffs directories with
-    /// everything pinned under them.
+    /// Stops every container this cluster started (SIGTERM, then SIGKILL after the pod's
+    /// grace period, at most 10 s), stops the API server, unmounts what the nodes mounted
+    /// (bpffs included: its pins go with it) and removes the nodes' cgroups.
     pub async fn shutdown(mut self) -> Result<(), ClusterError> {
         let _ = self.shared.stop.send(true);
         for t in self.tasks.drain(..) {
@@ -540,21 +586,10 @@ impl LocalCluster {
             let _ = tokio::time::timeout(Duration::from_millis(200), notified).await;
         }
         let cgroup_base = self.cgroup_base.clone();
-        let bpffs_base = self.bpffs_base.clone();
+        let dir = self.dir.clone();
         let cleanup = tokio::task::spawn_blocking(move || -> Result<(), ClusterError> {
-            process::remove_cgroup(&cgroup_base, Duration::from_secs(10))?;
-            if let Some(parent) = cgroup_base.parent()
-                && parent == Path::new(DEFAULT_CGROUP_PARENT)
-            {
-                let _ = std::fs::remove_dir(parent);
-            }
-            process::remove_bpffs_dir(&bpffs_base)?;
-            if let Some(parent) = bpffs_base.parent()
-                && parent == Path::new(DEFAULT_BPFFS_PARENT)
-            {
-                let _ = std::fs::remove_dir(parent);
-            }
-            Ok(())
+            unmount_under(&dir);
+            remove_cgroups(&cgroup_base, Duration::from_secs(10))
         });
         self.cleaned = true;
         // The API server stops when the last reference to it is dropped, with `self`.
@@ -564,7 +599,7 @@ impl LocalCluster {
 
 impl Drop for LocalCluster {
     /// Best effort when [`LocalCluster::shutdown`] was not called (a failed test): kill every
-    /// process this cluster started and remove its cgroup and bpffs directories.
+    /// container this cluster started, unmount what it mounted and remove its cgroups.
     fn drop(&mut self) {
         let _ = self.shared.stop.send(true);
         if self.cleaned {
@@ -577,14 +612,68 @@ impl Drop for LocalCluster {
             .map(|p| p.values().flat_map(|h| h.all_pids()).collect())
             .unwrap_or_default();
         for pid in pids {
-            let _ =
-                nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
+            // The first process of a pid namespace: killing it ends the whole container.
+            let _ = process::signal(pid, Signal::SIGKILL);
         }
-        if let Err(e) = process::remove_cgroup(&self.cgroup_base, Duration::from_secs(3)) {
+        unmount_under(&self.dir);
+        if let Err(e) = remove_cgroups(&self.cgroup_base, Duration::from_secs(3)) {
             tracing::warn!(error = %e, "cleanup after an unfinished local cluster");
         }
-        let _ = process::remove_bpffs_dir(&self.bpffs_base);
     }
+}
+
+/// Removes the cluster's cgroups, and the shared parent when it is left empty.
+fn remove_cgroups(base: &Path, wait: Duration) -> Result<(), ClusterError> {
+    process::remove_cgroup(base, wait)?;
+    if let Some(parent) = base.parent()
+        && parent.file_name().is_some_and(|n| n == CGROUP_PARENT)
+    {
+        let _ = std::fs::remove_dir(parent);
+    }
+    Ok(())
+}
+
+/// Lazily unmounts every mount at or below `dir`, deepest first.
+pub fn unmount_under(dir: &Path) {
+    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let mut points: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(PathBuf::from))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    points.dedup();
+    for p in points {
+        runtime::unmount(&p);
+    }
+}
+
+/// Makes `root` a mount point of its own with shared propagation, as `/` is on a systemd
+/// node, so hostPath mounts with `HostToContainer` or `Bidirectional` behave as there.
+fn make_shared_mount(root: &Path) -> Result<(), ClusterError> {
+    use nix::mount::{MsFlags, mount};
+    let err = |source| ClusterError::SharedRoot {
+        path: root.to_path_buf(),
+        source,
+    };
+    mount(
+        Some(root),
+        root,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(err)?;
+    mount(
+        None::<&str>,
+        root,
+        None::<&str>,
+        MsFlags::MS_SHARED | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(err)
 }
 
 fn create_dir(what: &'static str, path: &Path) -> Result<(), ClusterError> {

@@ -24,6 +24,9 @@ use serde::Deserialize;
 
 /// File name of a node's recording inside its run directory.
 pub const FILE_NAME: &str = "xfrm.json";
+/// File beside the recording listing algorithms the node's simulated kernel lacks (the
+/// agent's recording refuses them as a kernel without the module does).
+pub const REFUSED_FILE_NAME: &str = "xfrm-refused-algorithms";
 /// Environment variable selecting the agent's xfrm implementation (`recording:<path>`).
 pub const XFRM_ENV: &str = "MESHLET_IPSEC_XFRM";
 /// Environment variable listing the algorithms the recording refuses, comma separated (the

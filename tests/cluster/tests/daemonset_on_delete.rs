@@ -1,5 +1,5 @@
-//! The DaemonSet controller and kubelet with a stand-in process: OnDelete semantics, real
-//! processes in each node's cgroup, and what `kubectl` shows.
+//! The DaemonSet controller and kubelet with a stand-in container (busybox httpd): OnDelete
+//! semantics, containers in each node's cgroup subtree, and what `kubectl` shows.
 
 mod support;
 
@@ -7,23 +7,14 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use kube::api::Api;
-use meshlet_local_cluster::{ClusterOptions, ImageCommand, ImageTable, LocalCluster};
+use meshlet_local_cluster::images::BUSYBOX_IMAGE;
+use meshlet_local_cluster::{ClusterOptions, LocalCluster};
 use support::*;
 
 const NS: &str = "standin";
 
-/// A stand-in container: a Python HTTP server on the port the kubelet allocates (so the
-/// readiness probe has something to ask).
-fn standin(version: &str) -> ImageCommand {
-    ImageCommand::new("/bin/sh")
-        .with_args([
-            "-c",
-            "exec /usr/bin/python3 -m http.server --bind 127.0.0.1 \"${MESHLET_METRICS_ADDR##*:}\"",
-        ])
-        .with_env("STANDIN_VERSION", version)
-}
-
-fn manifest(image: &str) -> String {
+/// The stand-in DaemonSet at template `version` (an env value: a new template, same image).
+fn manifest(version: &str) -> String {
     format!(
         r#"apiVersion: v1
 kind: Namespace
@@ -47,8 +38,11 @@ spec:
       terminationGracePeriodSeconds: 5
       containers:
       - name: main
-        image: {image}
+        image: {BUSYBOX_IMAGE}
+        command: ["/bin/sh", "-c", "mkdir -p /tmp/www && echo ok > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www"]
         env:
+        - name: STANDIN_VERSION
+          value: "{version}"
         - name: NODE_NAME
           valueFrom: {{fieldRef: {{fieldPath: spec.nodeName}}}}
         readinessProbe:
@@ -71,9 +65,6 @@ async fn daemonset_pods_are_replaced_only_when_deleted_and_then_from_the_new_tem
     let t0 = Instant::now();
     let cluster = LocalCluster::start(ClusterOptions {
         nodes: 3,
-        images: ImageTable::new()
-            .with("test/standin:1", standin("1"))
-            .with("test/standin:2", standin("2")),
         ..ClusterOptions::default()
     })
     .await
@@ -91,7 +82,7 @@ async fn daemonset_pods_are_replaced_only_when_deleted_and_then_from_the_new_tem
     );
     assert!(out.contains("127.0.1.2"), "node addresses shown:\n{out}");
 
-    apply(&cluster, &manifest("test/standin:1")).await;
+    apply(&cluster, &manifest("1")).await;
     let t1 = Instant::now();
     let first = eventually("3 standin pods Ready", Duration::from_secs(60), || async {
         let p = pods(&cluster, NS, "app=standin").await;
@@ -106,25 +97,25 @@ async fn daemonset_pods_are_replaced_only_when_deleted_and_then_from_the_new_tem
     nodes.sort();
     assert_eq!(nodes, ["node-1", "node-2", "node-3"], "one pod per node");
 
-    // Each pod's process runs in its own node's cgroup.
+    // Each pod's container runs in its own node's cgroup subtree, in a pod cgroup.
     let mut pids = std::collections::BTreeMap::new();
     for p in &first {
         let pid = cluster
             .pod_pid(NS, &name_of(p), "main")
             .expect("pid of a running pod");
         let node = cluster.node(&node_of(p)).expect("node");
-        let procs = std::fs::read_to_string(node.cgroup.join("cgroup.procs")).expect("procs");
+        let cgroup = cgroup_of(pid);
+        let uid = p.metadata.uid.clone().expect("uid");
+        let node_rel = node
+            .cgroup
+            .strip_prefix(meshlet_local_cluster::runtime::cgroup2_mount().expect("cgroup2"))
+            .expect("node cgroup under the cgroup2 mount")
+            .display()
+            .to_string();
         assert!(
-            procs.lines().any(|l| l == pid.to_string()),
-            "pid {pid} of {} not in {}",
-            name_of(p),
-            node.cgroup.display()
-        );
-        assert!(
-            node.cgroup
-                .ends_with(cgroup_of(pid).trim_start_matches('/')),
-            "/proc/{pid}/cgroup says {}",
-            cgroup_of(pid)
+            cgroup.starts_with(&format!("/{node_rel}/kubepods/pod{uid}/")),
+            "/proc/{pid}/cgroup of {} says {cgroup}, not under {node_rel}",
+            name_of(p)
         );
         let status = p.status.as_ref().expect("status");
         assert_eq!(status.phase.as_deref(), Some("Running"));
@@ -164,7 +155,7 @@ async fn daemonset_pods_are_replaced_only_when_deleted_and_then_from_the_new_tem
     println!("{out}");
 
     // A template change replaces nothing (OnDelete).
-    apply(&cluster, &manifest("test/standin:2")).await;
+    apply(&cluster, &manifest("2")).await;
     eventually(
         "the controller observed generation 2",
         Duration::from_secs(20),
@@ -219,11 +210,7 @@ async fn daemonset_pods_are_replaced_only_when_deleted_and_then_from_the_new_tem
         },
     )
     .await;
-    assert_eq!(
-        image_of(&replaced),
-        "test/standin:2",
-        "recreated from the current template"
-    );
+    assert_eq!(image_of(&replaced), BUSYBOX_IMAGE);
     let new_pid = cluster
         .pod_pid(NS, &name_of(&replaced), "main")
         .expect("new pid");
@@ -231,7 +218,7 @@ async fn daemonset_pods_are_replaced_only_when_deleted_and_then_from_the_new_tem
     let environ = String::from_utf8_lossy(&environ);
     assert!(
         environ.contains("STANDIN_VERSION=2"),
-        "new process runs image 2"
+        "the new pod runs the current template"
     );
     assert!(
         environ.contains("NODE_NAME=node-2"),

@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use meshlet_local_cluster::{ClusterOptions, ImageCommand, ImageTable, LocalCluster, Signal};
+use meshlet_local_cluster::{ClusterOptions, LocalCluster, Signal};
 use support::*;
 
 const MANIFEST: &str = r#"apiVersion: apps/v1
@@ -24,7 +24,8 @@ spec:
       terminationGracePeriodSeconds: 2
       containers:
       - name: web
-        image: test/web:1
+        image: meshlet.local/busybox:1
+        command: ["/bin/sh", "-c", "mkdir -p /tmp/www && echo ok > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www"]
         ports: [{name: http, containerPort: 8080}]
         readinessProbe:
           httpGet: {path: /, port: http}
@@ -35,13 +36,6 @@ async fn deployment_replicas_spread_over_nodes_and_come_back_when_deleted() {
     require_root();
     let cluster = LocalCluster::start(ClusterOptions {
         nodes: 2,
-        images: ImageTable::new().with(
-            "test/web:1",
-            ImageCommand::new("/bin/sh").with_args([
-                "-c",
-                "exec /usr/bin/python3 -m http.server --bind 127.0.0.1 \"${MESHLET_METRICS_ADDR##*:}\"",
-            ]),
-        ),
         ..ClusterOptions::default()
     })
     .await

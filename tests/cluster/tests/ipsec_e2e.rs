@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use ipsec::*;
-use meshlet_local_cluster::xfrm::{self, REFUSE_ENV};
+use meshlet_local_cluster::xfrm;
 use meshlet_local_cluster::{ClusterOptions, Signal};
 use support::mesh::*;
 use support::*;
@@ -99,22 +99,16 @@ async fn key_rotation_moves_phase_by_phase_on_acks_without_a_drop_window() {
     let mut cluster = install_with(
         ClusterOptions {
             nodes: 3,
-            xfrm_recording: true,
             ..ClusterOptions::default()
         },
-        "v0.1.0",
+        // The test image with the xfrm recording: this host kernel has no ESP.
+        "v2",
     )
     .await;
     println!(
         "installed, 3 nodes Ready after {} ms",
         t0.elapsed().as_millis()
     );
-    for n in cluster.nodes() {
-        assert_eq!(
-            cluster.node_env(&n.name).expect("env").get(xfrm::XFRM_ENV),
-            Some(&format!("recording:{}", n.xfrm_path().display())),
-        );
-    }
     let mut keys = PublishedKeys::default();
 
     // The policy, as a user applies it.
@@ -291,9 +285,10 @@ async fn key_rotation_moves_phase_by_phase_on_acks_without_a_drop_window() {
     );
 
     // A node joins mid-rotation, its agent refuses the algorithm: Stalled, naming it.
-    let mut refuse = BTreeMap::new();
-    refuse.insert(REFUSE_ENV.to_string(), GCM.to_string());
-    let node4 = cluster.add_node_with_env(refuse).await.expect("add node-4");
+    let node4 = cluster
+        .add_node_missing_xfrm_algorithms(&[GCM])
+        .await
+        .expect("add node-4");
     assert_eq!(node4, "node-4");
     log.wait("node-4 counted as selected", held, PHASE_TIMEOUT, |e| {
         e.acks["selected"] == 4
@@ -381,8 +376,8 @@ async fn key_rotation_moves_phase_by_phase_on_acks_without_a_drop_window() {
 
     // Node-4 gets a kernel with the algorithm: the rotation completes with 4 nodes.
     cluster
-        .set_node_env("node-4", REFUSE_ENV, None)
-        .expect("node-4 env");
+        .set_missing_xfrm_algorithms("node-4", &[])
+        .expect("node-4's kernel");
     let (pod4, _) = agent_on(&cluster, "node-4").await;
     cluster
         .kill_container(NS, &pod4, "agent", Signal::SIGKILL)

@@ -19,7 +19,6 @@ async fn upgrade_v1_to_v2_under_traffic_loses_no_connection_and_stays_within_max
         "installed, 3 NodeEnrollments Ready after {} ms",
         t0.elapsed().as_millis()
     );
-    let dir = cluster.dir().to_path_buf();
 
     let before = enrollments(&cluster).await;
     let mut links_before = BTreeMap::new();
@@ -41,7 +40,7 @@ async fn upgrade_v1_to_v2_under_traffic_loses_no_connection_and_stays_within_max
             &format!("the VIP to answer from {}", node.name),
             Duration::from_secs(30),
             || async {
-                let r = probe(&dir, &node, 4);
+                let r = probe(&cluster, &node, 4).await;
                 (count(&r, "ok") == 4).then_some(r)
             },
         )
@@ -50,11 +49,10 @@ async fn upgrade_v1_to_v2_under_traffic_loses_no_connection_and_stays_within_max
     }
 
     // Continuous clients on every node, then the upgrade.
-    let traffic: Vec<Traffic> = cluster
-        .nodes()
-        .iter()
-        .map(|n| Traffic::start(&dir, n, 2))
-        .collect();
+    let mut traffic: Vec<Traffic> = Vec::new();
+    for n in cluster.nodes() {
+        traffic.push(Traffic::start(&cluster, &n, 2).await);
+    }
     let started = Instant::now();
     apply(&cluster, "meshconfig.yaml", &meshconfig("v2", true)).await;
 
@@ -112,7 +110,10 @@ async fn upgrade_v1_to_v2_under_traffic_loses_no_connection_and_stays_within_max
     .await;
     assert!(ok, "kubectl wait meshconfig/default: {out}{err}");
 
-    let reports: Vec<_> = traffic.into_iter().map(Traffic::stop).collect();
+    let mut reports = Vec::new();
+    for t in traffic {
+        reports.push(t.stop(&cluster).await);
+    }
     let (mut ok_total, mut fail_total) = (0, 0);
     for r in &reports {
         assert_eq!(
@@ -173,7 +174,7 @@ async fn upgrade_v1_to_v2_under_traffic_loses_no_connection_and_stays_within_max
     );
     assert!(condition(&m, "Ready"), "{m}");
     for node in cluster.nodes() {
-        let r = probe(&dir, &node, 4);
+        let r = probe(&cluster, &node, 4).await;
         assert_eq!(
             count(&r, "ok"),
             4,

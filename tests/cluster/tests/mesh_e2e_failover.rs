@@ -29,7 +29,6 @@ async fn holder(cluster: &meshlet_local_cluster::LocalCluster) -> Option<String>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leading_operator_mid_rollout_resumes_under_the_lease_within_max_unavailable() {
     let cluster = install(3, "v1").await;
-    let dir = cluster.dir().to_path_buf();
     let (ok, out, err) = kubectl(
         &cluster,
         &[
@@ -58,11 +57,10 @@ async fn killing_the_leading_operator_mid_rollout_resumes_under_the_lease_within
         "the Lease holder {leader} is one of the operator pods"
     );
 
-    let traffic: Vec<Traffic> = cluster
-        .nodes()
-        .iter()
-        .map(|n| Traffic::start(&dir, n, 1))
-        .collect();
+    let mut traffic: Vec<Traffic> = Vec::new();
+    for n in cluster.nodes() {
+        traffic.push(Traffic::start(&cluster, &n, 1).await);
+    }
     let started = Instant::now();
     apply(&cluster, "meshconfig.yaml", &meshconfig("v2", true)).await;
     eventually(
@@ -136,7 +134,10 @@ async fn killing_the_leading_operator_mid_rollout_resumes_under_the_lease_within
     for ne in enrollments(&cluster).await.values() {
         assert_eq!(ne["status"]["agentVersion"], "v2", "{ne}");
     }
-    let reports: Vec<_> = traffic.into_iter().map(Traffic::stop).collect();
+    let mut reports = Vec::new();
+    for t in traffic {
+        reports.push(t.stop(&cluster).await);
+    }
     for r in &reports {
         assert_eq!(count(r, "fail"), 0, "failed connections: {r}");
         assert!(count(r, "ok") > 0, "{r}");

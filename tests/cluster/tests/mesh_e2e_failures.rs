@@ -13,22 +13,20 @@ use support::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_version_halts_after_the_canary_and_rolls_back_then_a_node_leaves_and_rejoins() {
     let cluster = install(3, "v2").await;
-    let dir = cluster.dir().to_path_buf();
     for node in cluster.nodes() {
         eventually(
             &format!("the VIP to answer from {}", node.name),
             Duration::from_secs(30),
-            || async { (count(&probe(&dir, &node, 2), "ok") == 2).then_some(()) },
+            || async { (count(&probe(&cluster, &node, 2).await, "ok") == 2).then_some(()) },
         )
         .await;
     }
 
     // A version whose preflight fails (MESHLET_CGROUP=/nonexistent/meshlet), autoRollback on.
-    let traffic: Vec<Traffic> = cluster
-        .nodes()
-        .iter()
-        .map(|n| Traffic::start(&dir, n, 2))
-        .collect();
+    let mut traffic: Vec<Traffic> = Vec::new();
+    for n in cluster.nodes() {
+        traffic.push(Traffic::start(&cluster, &n, 2).await);
+    }
     let started = Instant::now();
     apply(&cluster, "meshconfig.yaml", &meshconfig("broken", true)).await;
     let (stalled, canary) = eventually(
@@ -101,7 +99,10 @@ async fn a_broken_version_halts_after_the_canary_and_rolls_back_then_a_node_leav
     for ne in enrollments(&cluster).await.values() {
         assert_eq!(ne["spec"]["desiredVersion"], "v2", "{ne}");
     }
-    let reports: Vec<_> = traffic.into_iter().map(Traffic::stop).collect();
+    let mut reports = Vec::new();
+    for t in traffic {
+        reports.push(t.stop(&cluster).await);
+    }
     for r in &reports {
         assert_eq!(
             count(r, "fail"),
@@ -133,7 +134,7 @@ async fn a_broken_version_halts_after_the_canary_and_rolls_back_then_a_node_leav
         node3.bpffs_root.display(),
         pins_under(&node3.bpffs_root)
     );
-    let r = probe(&dir, &node3, 2);
+    let r = probe(&cluster, &node3, 2).await;
     assert_eq!(
         count(&r, "ok"),
         0,
@@ -141,7 +142,7 @@ async fn a_broken_version_halts_after_the_canary_and_rolls_back_then_a_node_leav
     );
     for n in ["node-1", "node-2"] {
         let node = cluster.node(n).expect("node");
-        let r = probe(&dir, &node, 2);
+        let r = probe(&cluster, &node, 2).await;
         assert_eq!(count(&r, "ok"), 2, "{n} keeps its traffic: {r}");
     }
 
@@ -156,7 +157,7 @@ async fn a_broken_version_halts_after_the_canary_and_rolls_back_then_a_node_leav
     eventually(
         "the VIP to answer from node-3 again",
         Duration::from_secs(60),
-        || async { (count(&probe(&dir, &node3, 2), "ok") == 2).then_some(()) },
+        || async { (count(&probe(&cluster, &node3, 2).await, "ok") == 2).then_some(()) },
     )
     .await;
     assert!(!pins_under(&node3.bpffs_root).is_empty());

@@ -6,24 +6,26 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{Api, ApiResource, DynamicObject, ListParams, PostParams};
-use meshlet_local_cluster::{ClusterOptions, ImageCommand, ImageTable, LocalCluster};
+use meshlet_local_cluster::images::BUSYBOX_IMAGE;
+use meshlet_local_cluster::{ClusterOptions, LocalCluster};
 use serde_json::json;
 use support::*;
 
+/// A kubeconfig for `server` authenticating with `token`, trusting the CA in `ca_file`.
+fn kubeconfig(server: &str, ca_file: &std::path::Path, token: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n    \
+         certificate-authority: {}\nusers:\n- name: u\n  user:\n    token: {token}\n\
+         contexts:\n- name: c\n  context: {{cluster: c, user: u}}\ncurrent-context: c\n",
+        ca_file.display()
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_pod_may_list_node_enrollments_but_not_secrets() {
+async fn the_projected_token_is_the_pods_service_account_and_rbac_applies_to_it() {
     require_root();
-    let kubectl_bin = kubectl_path().display().to_string();
-    let script = format!(
-        "{kubectl_bin} get nodeenrollments; echo \"nodeenrollments rc=$?\"; \
-         {kubectl_bin} get secrets -A; echo \"secrets rc=$?\"; exec sleep 1000"
-    );
     let cluster = LocalCluster::start(ClusterOptions {
         nodes: 1,
-        images: ImageTable::new().with(
-            "test/kubectl:1",
-            ImageCommand::new("/bin/sh").with_args(["-c", script.as_str()]),
-        ),
         ..ClusterOptions::default()
     })
     .await
@@ -35,44 +37,70 @@ async fn an_agent_pod_may_list_node_enrollments_but_not_secrets() {
     let pod: Pod = serde_json::from_value(json!({
         "metadata": {"name": "rbac-probe", "namespace": "meshlet-system"},
         "spec": {"nodeName": "node-1", "serviceAccountName": "meshlet-agent",
-            "containers": [{"name": "probe", "image": "test/kubectl:1"}]}}))
+            "containers": [{"name": "probe", "image": BUSYBOX_IMAGE,
+                            "command": ["sleep", "1000"]}]}}))
     .expect("pod");
     api.create(&PostParams::default(), &pod)
         .await
         .expect("create pod");
-    let log_path = cluster
-        .node("node-1")
-        .expect("node")
-        .run_dir
-        .join("rbac-probe_probe.log");
-    let log = eventually("both kubectl calls", Duration::from_secs(60), || async {
-        let log = std::fs::read_to_string(&log_path).ok()?;
-        log.lines()
-            .any(|l| l.starts_with("secrets rc="))
-            .then_some(log)
+    let pid = eventually("the probe container", Duration::from_secs(60), || async {
+        cluster.pod_pid("meshlet-system", "rbac-probe", "probe")
     })
     .await;
+    // What the container itself sees at the well-known path.
+    let sa = std::path::PathBuf::from(format!(
+        "/proc/{pid}/root/var/run/secrets/kubernetes.io/serviceaccount"
+    ));
+    let token = std::fs::read_to_string(sa.join("token")).expect("token in the container");
+    let ca = std::fs::read_to_string(sa.join("ca.crt")).expect("ca.crt in the container");
+    let ns = std::fs::read_to_string(sa.join("namespace")).expect("namespace in the container");
+    assert_eq!(ns, "meshlet-system");
+    assert!(ca.contains("BEGIN CERTIFICATE"), "{ca}");
     assert!(
-        log.lines().any(|l| l == "nodeenrollments rc=0"),
-        "the agent may list NodeEnrollments:\n{log}"
+        std::fs::write(sa.join("token"), "x").is_err(),
+        "the service-account volume is read-only"
+    );
+    let environ =
+        String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/environ")).expect("environ"))
+            .into_owned();
+    assert!(
+        environ.contains("KUBERNETES_SERVICE_HOST=10.96.0.1")
+            && environ.contains("KUBERNETES_SERVICE_PORT=443"),
+        "in-cluster env: {environ}"
     );
     assert!(
-        log.lines().any(|l| l == "secrets rc=1"),
-        "the agent may not list Secrets:\n{log}"
-    );
-    assert!(
-        log.contains("Forbidden")
-            && log.contains("system:serviceaccount:meshlet-system:meshlet-agent"),
-        "403 names the pod's ServiceAccount:\n{log}"
+        !environ.contains("KUBECONFIG"),
+        "no kubeconfig injected: {environ}"
     );
 
-    // A kube-rs client (the agent's kind) with the same injected kubeconfig gets the same answers.
-    let kc_path = cluster
-        .node("node-1")
-        .expect("node")
-        .run_dir
-        .join("rbac-probe.kubeconfig");
-    let kc = kube::config::Kubeconfig::read_from(&kc_path).expect("read pod kubeconfig");
+    let kc_path = cluster.dir().join("probe.kubeconfig");
+    let ca_file = cluster.dir().join("probe-ca.crt");
+    std::fs::write(&ca_file, &ca).expect("write ca");
+    std::fs::write(
+        &kc_path,
+        kubeconfig(&cluster.api_server().url(), &ca_file, token.trim()),
+    )
+    .expect("write kubeconfig");
+    let (ok, out, err) = kubectl_with(&kc_path, &["get", "nodeenrollments"]).await;
+    assert!(ok, "the agent may list NodeEnrollments: {out}{err}");
+    let (ok, out, err) = kubectl_with(&kc_path, &["get", "secrets", "-A"]).await;
+    assert!(!ok, "the agent may not list Secrets: {out}");
+    assert!(
+        err.contains("Forbidden")
+            && err.contains("system:serviceaccount:meshlet-system:meshlet-agent"),
+        "403 names the pod's ServiceAccount: {err}"
+    );
+    let (ok, out, err) = kubectl_with(&kc_path, &["auth", "whoami", "-o", "json"]).await;
+    assert!(ok, "kubectl auth whoami: {out}{err}");
+    assert!(
+        out.contains("system:serviceaccount:meshlet-system:meshlet-agent")
+            && out.contains("authentication.kubernetes.io/node-name")
+            && out.contains("node-1"),
+        "the token is bound to the pod's node: {out}"
+    );
+
+    // A kube-rs client (the agent's kind) with the same credentials gets the same answers.
+    let kc = kube::config::Kubeconfig::read_from(&kc_path).expect("read kubeconfig");
     let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
         .await
         .expect("kubeconfig");

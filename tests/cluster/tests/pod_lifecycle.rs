@@ -6,24 +6,10 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
-use meshlet_local_cluster::{ClusterOptions, ImageCommand, ImageTable, LocalCluster, Signal};
+use meshlet_local_cluster::images::BUSYBOX_IMAGE;
+use meshlet_local_cluster::{ClusterOptions, LocalCluster, Signal};
 use serde_json::{Value, json};
 use support::*;
-
-fn images() -> ImageTable {
-    ImageTable::new()
-        .with(
-            "test/preflight:broken",
-            ImageCommand::new("/bin/sh").with_args([
-                "-c",
-                "echo checking >&2; echo 'preflight: cannot adopt map layout 9' >&2; exit 3",
-            ]),
-        )
-        .with(
-            "test/sleeper:1",
-            ImageCommand::new("/bin/sh").with_args(["-c", "exec sleep 1000"]),
-        )
-}
 
 async fn create(cluster: &LocalCluster, pod: Value) -> String {
     let api: Api<Pod> = Api::namespaced(cluster.client(), "default");
@@ -47,7 +33,6 @@ async fn a_failing_init_container_keeps_the_pod_pending_with_its_exit_code_and_m
     require_root();
     let cluster = LocalCluster::start(ClusterOptions {
         nodes: 1,
-        images: images(),
         ..ClusterOptions::default()
     })
     .await
@@ -56,8 +41,9 @@ async fn a_failing_init_container_keeps_the_pod_pending_with_its_exit_code_and_m
         &cluster,
         json!({"metadata": {"name": "agent-x", "namespace": "default"}, "spec": {
             "nodeName": "node-1",
-            "initContainers": [{"name": "preflight", "image": "test/preflight:broken"}],
-            "containers": [{"name": "agent", "image": "test/sleeper:1"}]}}),
+            "initContainers": [{"name": "preflight", "image": BUSYBOX_IMAGE, "command": ["/bin/sh", "-c",
+                "echo checking >&2; echo 'preflight: cannot adopt map layout 9' >&2; exit 3"]}],
+            "containers": [{"name": "agent", "image": BUSYBOX_IMAGE, "command": ["sleep", "1000"]}]}}),
     )
     .await;
     let s = eventually(
@@ -86,8 +72,23 @@ async fn a_failing_init_container_keeps_the_pod_pending_with_its_exit_code_and_m
     assert!(main["state"]["waiting"].is_object(), "{s:#}");
     assert_eq!(cluster.pod_pid("default", &name, "agent"), None);
     let node = cluster.node("node-1").expect("node");
+    let logs = node.pod_logs_dir();
+    let pod_dir = std::fs::read_dir(&logs)
+        .expect("pod logs")
+        .filter_map(Result::ok)
+        .find(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("default_{name}_"))
+        })
+        .expect("the pod's log directory")
+        .path();
     assert!(
-        !node.run_dir.join(format!("{name}_agent.log")).exists(),
+        pod_dir.join("preflight/0.log").is_file(),
+        "the init container's log is kept"
+    );
+    assert!(
+        !pod_dir.join("agent").exists(),
         "the main container never started"
     );
     let (_, out, _) = kubectl(&cluster, &["get", "pod", &name]).await;
@@ -100,7 +101,6 @@ async fn an_unknown_image_is_err_image_pull_and_a_killed_container_is_restarted(
     require_root();
     let cluster = LocalCluster::start(ClusterOptions {
         nodes: 1,
-        images: images(),
         ..ClusterOptions::default()
     })
     .await
@@ -122,7 +122,7 @@ async fn an_unknown_image_is_err_image_pull_and_a_killed_container_is_restarted(
         .as_str()
         .unwrap_or_default();
     assert!(
-        msg.contains("example.com/nothing:1") && msg.contains("image table"),
+        msg.contains("example.com/nothing:1") && msg.contains("not found"),
         "{msg}"
     );
 
@@ -130,7 +130,7 @@ async fn an_unknown_image_is_err_image_pull_and_a_killed_container_is_restarted(
         &cluster,
         json!({"metadata": {"name": "sleeper", "namespace": "default"}, "spec": {
             "nodeName": "node-1",
-            "containers": [{"name": "c", "image": "test/sleeper:1"}]}}),
+            "containers": [{"name": "c", "image": BUSYBOX_IMAGE, "command": ["sleep", "1000"]}]}}),
     )
     .await;
     let pid = eventually("sleeper running", Duration::from_secs(20), || async {

@@ -1,79 +1,42 @@
-//! Real `meshlet-agent` processes as DaemonSet pods, one per simulated node: each pins under
-//! its own bpffs root, attaches to its own node cgroup and serves a VIP for processes there.
+//! Real `meshlet-agent` containers as DaemonSet pods, one per simulated node: each mounts and
+//! pins under its own node's bpffs, attaches to its own node's cgroup2 root and serves a VIP
+//! for the pods there.
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
+use meshlet_local_cluster::images::AGENT_REPO;
 use meshlet_local_cluster::process::pins_under;
-use meshlet_local_cluster::{ClusterOptions, ImageCommand, ImageTable, LocalCluster};
+use meshlet_local_cluster::{ClusterOptions, LocalCluster};
 use support::*;
 
 const NS: &str = "meshlet-system";
 const BACKEND_PORT: u16 = 18_093;
 
-/// A backend on 127.0.0.1 and a client of the VIP, both in a private network namespace
-/// (loopback only, so nothing leaves the machine) inside the given cgroup.
-const CLIENT: &str = r#"
-import socket, sys, threading
-port = int(sys.argv[1])
-srv = socket.socket()
-srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("127.0.0.1", port))
-srv.listen(16)
-def serve():
-    while True:
-        c, _ = srv.accept()
-        c.sendall(b"backend-ok\n")
-        c.close()
-threading.Thread(target=serve, daemon=True).start()
-try:
-    c = socket.create_connection(("10.96.0.10", 80), timeout=3)
-    print(c.recv(64).decode().strip())
-except OSError as e:
-    print("connect failed:", e)
-"#;
-
-/// The agent binary next to this test's profile directory, built when missing.
-fn agent_binary() -> PathBuf {
-    let dir = meshlet_local_cluster::current_bin_dir().expect("profile directory");
-    let bin = dir.join("meshlet-agent");
-    if !bin.exists() {
-        let target = dir.parent().expect("target dir");
-        let status = Command::new(option_env!("CARGO").unwrap_or("cargo"))
-            .args(["build", "-p", "meshlet-agent", "--bin", "meshlet-agent"])
-            .env("CARGO_TARGET_DIR", target)
-            .current_dir(workspace())
-            .status()
-            .expect("run cargo build -p meshlet-agent");
-        assert!(status.success(), "cargo build -p meshlet-agent failed");
-    }
-    assert!(bin.exists(), "{} is missing", bin.display());
-    bin
+/// One connection to the VIP from a traffic pod on `node` (its own network namespace, with
+/// the backend on its loopback); the report.
+async fn connect_from(cluster: &LocalCluster, node: &str, name: &str) -> serde_json::Value {
+    let args: Vec<String> = [
+        "--backends".to_string(),
+        BACKEND_PORT.to_string(),
+        "--target".into(),
+        format!("10.96.0.10:80={BACKEND_PORT}"),
+        "--clients".into(),
+        "1".into(),
+        "--count".into(),
+        "1".into(),
+        "--timeout".into(),
+        "2".into(),
+    ]
+    .to_vec();
+    TrafficPod::start(cluster, node, name, &args)
+        .await
+        .report(cluster, false)
+        .await
 }
 
-fn connect_from(cgroup: &Path, script: &Path) -> String {
-    let out = Command::new("/bin/sh")
-        .args([
-            "-c",
-            r#"echo $$ > "$1" && exec unshare -n /bin/sh -c "ip link set lo up && exec /usr/bin/python3 $2 $3""#,
-            "sh",
-            &cgroup.join("cgroup.procs").display().to_string(),
-            &script.display().to_string(),
-            &BACKEND_PORT.to_string(),
-        ])
-        .output()
-        .expect("run client");
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout).trim(),
-        String::from_utf8_lossy(&out.stderr).trim()
-    )
-}
-
-fn daemonset(standalone: &Path) -> String {
+fn daemonset() -> String {
     format!(
         r#"apiVersion: v1
 kind: Namespace
@@ -93,49 +56,84 @@ spec:
     metadata:
       labels: {{app.kubernetes.io/name: meshlet-agent, app.kubernetes.io/component: agent}}
     spec:
+      hostNetwork: true
+      nodeSelector: {{meshlet.io/agent: "yes"}}
       terminationGracePeriodSeconds: 10
+      initContainers:
+      - name: mount-bpffs
+        image: {AGENT_REPO}:v0.1.0
+        args: ["mount-bpffs"]
+        securityContext: {{privileged: true}}
+        volumeMounts:
+        - {{name: bpffs, mountPath: /sys/fs/bpf, mountPropagation: Bidirectional}}
       containers:
       - name: agent
-        image: test/meshlet-agent:standalone
-        args: ["run"]
+        image: {AGENT_REPO}:v0.1.0
+        args: ["run", "--standalone", "/etc/meshlet/services.yaml"]
         env:
         - name: NODE_NAME
           valueFrom: {{fieldRef: {{fieldPath: spec.nodeName}}}}
-        - {{name: MESHLET_STANDALONE, value: "{}"}}
+        - name: HOST_IP
+          valueFrom: {{fieldRef: {{fieldPath: status.hostIP}}}}
         - {{name: MESHLET_MAX_SERVICES, value: "64"}}
         - {{name: MESHLET_MAX_ENDPOINTS, value: "256"}}
-        - {{name: MESHLET_METRICS_ADDR, value: "0.0.0.0:9090"}}
+        - {{name: MESHLET_METRICS_ADDR, value: "$(HOST_IP):9090"}}
         readinessProbe:
           httpGet: {{path: /readyz, port: 9090}}
           periodSeconds: 1
-"#,
-        standalone.display()
+        securityContext:
+          capabilities: {{drop: [ALL], add: [BPF, NET_ADMIN, PERFMON, SYS_ADMIN, SYS_RESOURCE]}}
+        volumeMounts:
+        - {{name: bpffs, mountPath: /sys/fs/bpf, mountPropagation: HostToContainer}}
+        - {{name: cgroup, mountPath: /host/sys/fs/cgroup}}
+        - {{name: run, mountPath: /run/meshlet}}
+        - {{name: config, mountPath: /etc/meshlet, readOnly: true}}
+      volumes:
+      - {{name: bpffs, hostPath: {{path: /sys/fs/bpf, type: DirectoryOrCreate}}}}
+      - {{name: cgroup, hostPath: {{path: /sys/fs/cgroup, type: Directory}}}}
+      - {{name: run, hostPath: {{path: /run/meshlet, type: DirectoryOrCreate}}}}
+      - {{name: config, hostPath: {{path: /etc/meshlet-test, type: Directory}}}}
+"#
     )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_real_agents_each_serve_the_vip_in_their_own_node_cgroup() {
     require_root();
-    let agent = agent_binary();
     let cluster = LocalCluster::start(ClusterOptions {
-        nodes: 3,
-        images: ImageTable::new().with("test/meshlet-agent:standalone", ImageCommand::new(&agent)),
+        nodes: 4,
         ..ClusterOptions::default()
     })
     .await
     .expect("start cluster");
-    let standalone = cluster.dir().join("services.yaml");
-    std::fs::write(
-        &standalone,
-        format!(
-            "services:\n  - name: dns\n    vip: 10.96.0.10\n    ports:\n      - port: 80\n    endpoints:\n      - address: 127.0.0.1\n        port: {BACKEND_PORT}\n"
-        ),
+    // The same standalone file on every node, at the node's /etc/meshlet-test.
+    for n in cluster.nodes() {
+        let dir = n.host_path("/etc/meshlet-test");
+        std::fs::create_dir_all(&dir).expect("config dir");
+        std::fs::write(
+            dir.join("services.yaml"),
+            format!(
+                "services:\n  - name: dns\n    vip: 10.96.0.10\n    ports:\n      - port: 80\n    endpoints:\n      - address: 127.0.0.1\n        port: {BACKEND_PORT}\n"
+            ),
+        )
+        .expect("write standalone file");
+    }
+    // Agents on node-1..3; node-4 has none.
+    let (ok, out, err) = kubectl(
+        &cluster,
+        &[
+            "label",
+            "node",
+            "node-1",
+            "node-2",
+            "node-3",
+            "meshlet.io/agent=yes",
+        ],
     )
-    .expect("write standalone file");
-    let client = cluster.dir().join("client.py");
-    std::fs::write(&client, CLIENT).expect("write client");
+    .await;
+    assert!(ok, "{out}{err}");
     let manifest = cluster.dir().join("agent.yaml");
-    std::fs::write(&manifest, daemonset(&standalone)).expect("write manifest");
+    std::fs::write(&manifest, daemonset()).expect("write manifest");
 
     let t0 = Instant::now();
     let (ok, out, err) = kubectl(&cluster, &["apply", "-f", &manifest.display().to_string()]).await;
@@ -158,10 +156,10 @@ async fn three_real_agents_each_serve_the_vip_in_their_own_node_cgroup() {
             .expect("agent pid");
         agent_pids.push(pid);
         assert!(
-            node.cgroup
-                .ends_with(cgroup_of(pid).trim_start_matches('/')),
-            "agent of {} runs in its node cgroup",
-            node.name
+            cgroup_of(pid).contains(&format!("/{}/kubepods/", node.name)),
+            "agent of {} runs in a pod cgroup of its node: {}",
+            node.name,
+            cgroup_of(pid)
         );
         let pins = pins_under(&node.bpffs_root);
         assert!(
@@ -170,20 +168,20 @@ async fn three_real_agents_each_serve_the_vip_in_their_own_node_cgroup() {
             node.name,
             node.bpffs_root.display()
         );
-        let reply = connect_from(&node.cgroup, &client);
+        let report = connect_from(&cluster, &node.name, &format!("client-{}", node.name)).await;
         assert_eq!(
-            reply, "backend-ok",
-            "VIP from {}'s cgroup reaches the backend",
+            (report["ok"].as_u64(), report["fail"].as_u64()),
+            (Some(1), Some(0)),
+            "VIP from a pod on {} reaches the backend: {report}",
             node.name
         );
     }
-    // A cgroup with no agent attached sees no VIP: the programs are per node cgroup.
-    let outside = cluster.cgroup_base().join("no-agent");
-    std::fs::create_dir_all(&outside).expect("create cgroup");
-    let reply = connect_from(&outside, &client);
-    assert!(
-        reply.starts_with("connect failed"),
-        "no rewrite outside the nodes: {reply}"
+    // A node without an agent sees no VIP: the programs are per node.
+    let report = connect_from(&cluster, "node-4", "client-node-4").await;
+    assert_eq!(
+        report["fail"].as_u64(),
+        Some(1),
+        "no rewrite on a node without an agent: {report}"
     );
 
     let (ok, out, err) = kubectl(
@@ -204,11 +202,19 @@ async fn three_real_agents_each_serve_the_vip_in_their_own_node_cgroup() {
         },
     )
     .await;
-    let bpffs_base = cluster.bpffs_base().to_path_buf();
+    // Deleting the agent pods leaves the data plane in place: pins outlive the containers.
+    for n in cluster.nodes().iter().take(3) {
+        assert!(
+            !pins_under(&n.bpffs_root).is_empty(),
+            "pins of {} survive its agent pod",
+            n.name
+        );
+    }
+    let dir = cluster.dir().to_path_buf();
     cluster.shutdown().await.expect("shutdown");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     assert!(
-        pins_under(&bpffs_base).is_empty() && !bpffs_base.exists(),
-        "no pins left under {}",
-        bpffs_base.display()
+        !mounts.contains(&dir.display().to_string()),
+        "shutdown unmounts the nodes' bpffs"
     );
 }

@@ -6,7 +6,7 @@
 //! ```text
 //!  kubectl apply / annotate ──► IPsecPolicy ──► operator ──► Secret meshlet-ipsec-key
 //!         PhaseLog ◄── watch ────────┘                          │
-//!                                                  agents ◄─────┘ ──► <run_dir>/node-i/xfrm.json
+//!                                                  agents ◄─────┘ ──► node-i's /run/meshlet/xfrm.json
 //!  Sampler ── every 5 ms: all recordings twice ──► "X sends to Y on g ⇒ Y receives g from X"
 //! ```
 #![allow(dead_code)]
@@ -529,11 +529,21 @@ pub async fn visible_text(cluster: &LocalCluster) -> Vec<(String, Vec<u8>)> {
         assert!(ok, "kubectl {args:?}: {err}");
         out.push((format!("kubectl {}", args.join(" ")), stdout.into_bytes()));
     }
+    fn walk(dir: &std::path::Path, files: &mut Vec<std::path::PathBuf>) {
+        if let Ok(rd) = std::fs::read_dir(dir) {
+            for e in rd.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    walk(&p, files);
+                } else {
+                    files.push(p);
+                }
+            }
+        }
+    }
     let mut files = Vec::new();
     for n in cluster.nodes() {
-        if let Ok(rd) = std::fs::read_dir(&n.run_dir) {
-            files.extend(rd.flatten().map(|e| e.path()));
-        }
+        walk(&n.pod_logs_dir(), &mut files);
     }
     if let Ok(rd) = std::fs::read_dir(cluster.dir()) {
         files.extend(rd.flatten().map(|e| e.path()));

@@ -5,18 +5,17 @@
 //!  kubectl apply --server-side MeshConfig ──► NodeEnrollments + agent DaemonSet (real agents)
 //!  Service 10.96.0.10:80 + EndpointSlice 127.0.0.1:18081,18082
 //!
-//!  node-i cgroup ─┬─ meshlet-agent (attached to the node cgroup, pins under node-i's bpffs)
-//!                 └─ traffic.py in a private netns: backends 18081/18082 + clients of the VIP
+//!  node-i cgroup2 ─┬─ meshlet-agent pod (attached at node-i's cgroup2 root, pins under its bpffs)
+//!                  └─ mesh-traffic pods (own network namespace): backends 18081/18082 on
+//!                     their loopback + clients of the VIP
 //! ```
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::Duration;
 
 use kube::api::{Api, ApiResource, DynamicObject};
-use meshlet_local_cluster::images::default_images;
 use meshlet_local_cluster::{ClusterOptions, LocalCluster, SimNode};
 use serde_json::Value;
 
@@ -28,12 +27,10 @@ pub const NS: &str = "meshlet-system";
 pub const VIP: &str = "10.96.0.10";
 /// The Service port.
 pub const PORT: u16 = 80;
-/// Backend ports on 127.0.0.1 (inside each traffic helper's network namespace).
+/// Backend ports on 127.0.0.1 (inside each traffic pod's network namespace).
 pub const BACKENDS: [u16; 2] = [18081, 18082];
 /// Label that takes a node out of the mesh (the MeshConfig selects nodes without it).
 pub const EXCLUDE_LABEL: &str = "meshlet.io/excluded";
-
-const TRAFFIC: &str = include_str!("../../../../node-agent/tests/agent_support/traffic.py");
 
 /// The MeshConfig `default` of these tests at `version`.
 pub fn meshconfig(version: &str, auto_rollback: bool) -> String {
@@ -119,7 +116,7 @@ pub async fn apply(cluster: &LocalCluster, name: &str, yaml: &str) -> String {
     out
 }
 
-/// A local cluster of 3 nodes with the default image table, Meshlet installed from
+/// A local cluster of `nodes` nodes running the built images, Meshlet installed from
 /// `manifests/` (`kubectl apply -k`), the MeshConfig at `version`, the Service applied, every
 /// NodeEnrollment Ready and the MeshConfig Ready (its first rollout complete).
 pub async fn install(nodes: usize, version: &str) -> LocalCluster {
@@ -133,17 +130,11 @@ pub async fn install(nodes: usize, version: &str) -> LocalCluster {
     .await
 }
 
-/// [`install`] with more cluster options (`opts.images` is replaced by the default table).
+/// [`install`] with more cluster options.
 pub async fn install_with(opts: ClusterOptions, version: &str) -> LocalCluster {
     require_root();
-    let bin = binaries();
     let nodes = opts.nodes;
-    let cluster = LocalCluster::start(ClusterOptions {
-        images: default_images(&bin),
-        ..opts
-    })
-    .await
-    .expect("start cluster");
+    let cluster = LocalCluster::start(opts).await.expect("start cluster");
     let (ok, out, err) = kubectl(&cluster, &["apply", "-k", "manifests/"]).await;
     assert!(ok, "kubectl apply -k manifests/: {out}{err}");
     apply(&cluster, "meshconfig.yaml", &meshconfig(version, true)).await;
@@ -193,58 +184,32 @@ pub async fn wait_enrolled_ready(cluster: &LocalCluster, n: usize) {
     );
 }
 
-/// The last lines of every pod log of the cluster, for failure messages.
+/// The last lines of every container log of the cluster, for failure messages.
 pub fn logs(cluster: &LocalCluster) -> String {
-    let mut out = String::new();
-    for n in cluster.nodes() {
-        if let Ok(rd) = std::fs::read_dir(&n.run_dir) {
-            for e in rd.flatten() {
-                let p = e.path();
-                if p.extension().is_some_and(|x| x == "log") {
-                    let text = std::fs::read_to_string(&p).unwrap_or_default();
-                    let tail: Vec<&str> = text.lines().rev().take(8).collect();
-                    out.push_str(&format!("--- {}\n", p.display()));
-                    for l in tail.into_iter().rev() {
-                        out.push_str(l);
-                        out.push('\n');
-                    }
+    fn walk(dir: &Path, out: &mut String) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if p.extension().is_some_and(|x| x == "log") {
+                let text = std::fs::read_to_string(&p).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(8).collect();
+                out.push_str(&format!("--- {}\n", p.display()));
+                for l in tail.into_iter().rev() {
+                    out.push_str(l);
+                    out.push('\n');
                 }
             }
         }
     }
+    let mut out = String::new();
+    for n in cluster.nodes() {
+        walk(&n.pod_logs_dir(), &mut out);
+    }
     out
-}
-
-/// The profile directory holding `meshlet-agent` and `meshlet-operator`, built when missing.
-pub fn binaries() -> PathBuf {
-    let dir = meshlet_local_cluster::current_bin_dir().expect("profile directory");
-    if !dir.join("meshlet-agent").exists() || !dir.join("meshlet-operator").exists() {
-        let target = dir.parent().expect("target dir");
-        let status = Command::new(option_env!("CARGO").unwrap_or("cargo"))
-            .args([
-                "build",
-                "-p",
-                "meshlet-agent",
-                "--bin",
-                "meshlet-agent",
-                "-p",
-                "meshlet-operator",
-                "--bin",
-                "meshlet-operator",
-            ])
-            .env("CARGO_TARGET_DIR", target)
-            .current_dir(workspace())
-            .status()
-            .expect("run cargo build");
-        assert!(
-            status.success(),
-            "cargo build of the agent and operator failed"
-        );
-    }
-    for b in ["meshlet-agent", "meshlet-operator"] {
-        assert!(dir.join(b).exists(), "{} is missing", dir.join(b).display());
-    }
-    dir
 }
 
 /// The API resource of a meshlet.io/v1alpha1 kind.
@@ -346,118 +311,58 @@ pub async fn unavailable(cluster: &LocalCluster) -> Vec<String> {
     out
 }
 
-/// A traffic helper (backends + clients of the VIP) in a node's cgroup and a private
-/// network namespace.
-pub struct Traffic {
-    child: Child,
-    until: PathBuf,
-    node: String,
-}
+static NEXT_TRAFFIC: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
-impl Traffic {
-    /// Starts `clients` continuous clients of the VIP (plus the backends) in `node`'s cgroup.
-    pub fn start(dir: &Path, node: &SimNode, clients: u32) -> Self {
-        let until = dir.join(format!("stop-{}", node.name));
-        let _ = std::fs::remove_file(&until);
-        let ready = dir.join(format!("ready-{}", node.name));
-        let _ = std::fs::remove_file(&ready);
-        let child = spawn(
-            dir,
-            node,
-            &[
-                "--clients",
-                &clients.to_string(),
-                "--until",
-                &until.display().to_string(),
-                "--ready",
-                &ready.display().to_string(),
-            ],
-        );
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !ready.exists() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "traffic helper in {} did not start",
-                node.name
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Self {
-            child,
-            until,
-            node: node.name.clone(),
-        }
-    }
-
-    /// Stops the clients and returns their report (`ok`, `fail`, `wrong`, `errors`).
-    pub fn stop(self) -> Value {
-        std::fs::write(&self.until, b"").expect("write stop file");
-        let out = self.child.wait_with_output().expect("wait traffic helper");
-        let text = String::from_utf8_lossy(&out.stdout);
-        let mut v: Value = serde_json::from_str(text.trim()).unwrap_or_else(|_| {
-            panic!(
-                "traffic helper of {} printed no report: {text}{}",
-                self.node,
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
-        v["node"] = Value::String(self.node);
-        v
-    }
-}
-
-fn spawn(dir: &Path, node: &SimNode, extra: &[&str]) -> Child {
-    let script = dir.join("traffic.py");
-    if !script.exists() {
-        std::fs::write(&script, TRAFFIC).expect("write traffic.py");
-    }
+fn traffic_args(extra: &[&str]) -> Vec<String> {
     let backends = BACKENDS.map(|p| p.to_string()).join(",");
-    let target = format!("{VIP}:{PORT}={backends}");
     let mut args = vec![
-        script.display().to_string(),
-        "--backends".into(),
+        "--backends".to_string(),
         backends.clone(),
         "--target".into(),
-        target,
+        format!("{VIP}:{PORT}={backends}"),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
-    Command::new("/bin/sh")
-        .args([
-            "-c",
-            r#"echo $$ > "$1" && shift && exec unshare -n /bin/sh -c 'ip link set lo up && exec /usr/bin/python3 "$@"' sh "$@""#,
-            "sh",
-            &node.cgroup.join("cgroup.procs").display().to_string(),
-        ])
-        .args(&args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start traffic helper")
+    args
 }
 
-/// `count` connections to the VIP from `node`'s cgroup; the report.
-pub fn probe(dir: &Path, node: &SimNode, count: u32) -> Value {
-    let child = spawn(
-        dir,
-        node,
-        &[
-            "--clients",
-            "1",
-            "--count",
-            &count.to_string(),
-            "--timeout",
-            "2",
-        ],
-    );
-    let out = child.wait_with_output().expect("wait probe");
-    let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(text.trim()).unwrap_or_else(|_| {
-        panic!(
-            "probe from {} printed no report: {text}{}",
-            node.name,
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
+fn traffic_name(node: &SimNode, what: &str) -> String {
+    let n = NEXT_TRAFFIC.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    format!("{what}-{}-{n}", node.name)
+}
+
+/// Continuous clients of the VIP (plus the backends) in a workload pod on a node.
+pub struct Traffic(TrafficPod);
+
+impl Traffic {
+    /// Starts `clients` continuous clients of the VIP (plus the backends) in a pod on `node`.
+    pub async fn start(cluster: &LocalCluster, node: &SimNode, clients: u32) -> Self {
+        let args = traffic_args(&["--clients", &clients.to_string()]);
+        Self(TrafficPod::start(cluster, &node.name, &traffic_name(node, "traffic"), &args).await)
+    }
+
+    /// Stops the clients (deletes the pod) and returns their report (`ok`, `fail`, `wrong`,
+    /// `errors`).
+    pub async fn stop(self, cluster: &LocalCluster) -> Value {
+        self.0.report(cluster, true).await
+    }
+}
+
+/// `count` connections to the VIP from a pod on `node`; the report.
+pub async fn probe(cluster: &LocalCluster, node: &SimNode, count: u32) -> Value {
+    let args = traffic_args(&[
+        "--clients",
+        "1",
+        "--count",
+        &count.to_string(),
+        "--timeout",
+        "2",
+    ]);
+    let pod = TrafficPod::start(cluster, &node.name, &traffic_name(node, "probe"), &args).await;
+    let name = pod.name.clone();
+    let report = pod.report(cluster, false).await;
+    let api: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(cluster.client(), "default");
+    let _ = api.delete(&name, &Default::default()).await;
+    report
 }
 
 /// A number of a traffic report.

@@ -2,7 +2,8 @@
 //!
 //! Serves legacy discovery (`/api`, `/apis`, `/api/v1`, `/apis/{g}`, `/apis/{g}/{v}`),
 //! aggregated discovery (`APIGroupDiscoveryList`, when the client's `Accept` asks for it, as
-//! kubectl does), and OpenAPI v3 (`/openapi/v3` and one document per group-version). The
+//! kubectl does), an empty OpenAPI v2 document, and OpenAPI v3 (`/openapi/v3` and one
+//! document per group-version). The
 //! per-group-version documents list every path with its `x-kubernetes-group-version-kind` and
 //! `fieldValidation` parameter (so kubectl uses server-side field validation), and carry the
 //! CRD schemas so `kubectl explain` works for custom resources.
@@ -36,6 +37,11 @@ const VERBS: &[&str] = &[
     "update",
     "watch",
 ];
+
+/// The verbs discovery lists for `t`: reviews can only be created.
+fn verbs(t: &ResourceType) -> &'static [&'static str] {
+    if t.review { &["create"] } else { VERBS }
+}
 
 fn groups(reg: &Registry) -> BTreeMap<String, BTreeMap<String, Vec<Arc<ResourceType>>>> {
     let mut out: BTreeMap<String, BTreeMap<String, Vec<Arc<ResourceType>>>> = BTreeMap::new();
@@ -98,7 +104,7 @@ pub fn api_resource_list(
     for t in types {
         let mut r = json!({
             "name": t.resource, "singularName": t.singular, "namespaced": t.namespaced,
-            "kind": t.kind, "verbs": VERBS,
+            "kind": t.kind, "verbs": verbs(t),
         });
         if !t.short_names.is_empty() {
             r["shortNames"] = json!(t.short_names);
@@ -141,7 +147,7 @@ pub fn aggregated(reg: &Registry, legacy: bool) -> Value {
                                 "responseKind": {"group": t.group, "version": t.version, "kind": t.kind},
                                 "scope": if t.namespaced { "Namespaced" } else { "Cluster" },
                                 "singularResource": t.singular,
-                                "verbs": VERBS,
+                                "verbs": verbs(t),
                             });
                             if !t.short_names.is_empty() {
                                 r["shortNames"] = json!(t.short_names);
@@ -173,6 +179,19 @@ fn gv_path(group: &str, version: &str) -> String {
     } else {
         format!("apis/{group}/{version}")
     }
+}
+
+/// Content type of OpenAPI v2 in protobuf, the form kubectl asks for.
+pub const OPENAPI_V2_PROTOBUF: &str = "application/com.github.proto-openapi.spec.v2.v1.0+protobuf";
+
+/// `GET /openapi/v2`: a document without definitions (the empty protobuf message when asked
+/// for protobuf). kubectl falls back to v2 for kinds whose v3 paths have no PATCH (the
+/// reviews), finds no schema there and leaves validation to the server, as it does for any
+/// kind a real server has no schema for.
+pub fn openapi_v2() -> Value {
+    json!({"swagger": "2.0",
+        "info": {"title": "Kubernetes (meshlet test server)", "version": "v1.37.1"},
+        "paths": {}, "definitions": {}})
 }
 
 /// `GET /openapi/v3`: one entry per group-version.
@@ -246,6 +265,10 @@ pub fn openapi_group_version(reg: &Registry, path: &str) -> Result<Value, Discov
         } else {
             format!("/{}/{}", gv_path(&t.group, &t.version), t.resource)
         };
+        if t.review {
+            paths.insert(base, json!({"post": op("post")}));
+            continue;
+        }
         paths.insert(base.clone(), json!({"get": op("list"), "post": op("post")}));
         paths.insert(
             format!("{base}/{{name}}"),

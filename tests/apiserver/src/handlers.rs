@@ -1,9 +1,11 @@
 //! HTTP request handling: routing, authentication, authorization and the verbs.
 //!
 //! ```text
-//!  request ──► route (path → ResourceType, namespace, name, subresource)
-//!          ──► authenticate (bearer token) ──► authorize (RBAC)
-//!          ──► get | list | watch | create | update | patch | apply | delete
+//!  request ──► authenticate (bearer token, else system:anonymous; impersonation)
+//!          ──► non-resource path? (/version, /healthz, discovery, OpenAPI) ──► RBAC on the path
+//!          ──► route (path → ResourceType, namespace, name, subresource) ──► RBAC
+//!          ──► review (access/token reviews: answered, never stored)
+//!            | get | list | watch | create | update | patch | apply | delete
 //!                      └─► admit: metadata, status split, CRD schema (prune, default,
 //!                          validate, CEL), generation, managedFields ──► Store
 //! ```
@@ -24,10 +26,14 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::Server;
 use crate::apply::{self, ApplyError, Writer};
+use crate::authn::User;
 use crate::discovery;
+use crate::impersonation::{self, ImpersonationError};
 use crate::patch::{self, PatchError};
-use crate::rbac::{self, Attributes, User};
+use crate::proto::{self, ProtoError};
+use crate::rbac::{self, Attributes};
 use crate::resources::{self, ResourceType};
+use crate::reviews::{ReviewError, Reviewer};
 use crate::selector::{FieldSelector, LabelSelector};
 use crate::status::{ApiError, Cause, Subject};
 use crate::store::{Event, EventType, Precondition, StoreError, rv_of};
@@ -262,18 +268,6 @@ pub async fn handle(State(srv): State<Arc<Server>>, req: Request) -> Response {
         .filter(|s| !s.is_empty())
         .collect();
     let result = async {
-        match segs.as_slice() {
-            ["healthz"] | ["readyz"] | ["livez"] => {
-                return Ok(Response::new(Body::from("ok")));
-            }
-            ["version"] => {
-                return Ok(ok(
-                    &json!({"major": "1", "minor": "37", "gitVersion": "v1.37.1-meshlet-test",
-                    "platform": "linux/amd64", "goVersion": "n/a (meshlet test server)"}),
-                ));
-            }
-            _ => {}
-        }
         let user = authenticate(&srv, &parts.headers)?;
         let accept = parts
             .headers
@@ -281,46 +275,8 @@ pub async fn handle(State(srv): State<Arc<Server>>, req: Request) -> Response {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_string();
-        let aggregated = accept.contains("as=APIGroupDiscoveryList") && accept.contains("v=v2");
-        match segs.as_slice() {
-            ["api"] if aggregated => {
-                return Ok(json_response(
-                    200,
-                    &discovery::aggregated(&srv.registry, true),
-                    discovery::AGGREGATED_V2,
-                ));
-            }
-            ["apis"] if aggregated => {
-                return Ok(json_response(
-                    200,
-                    &discovery::aggregated(&srv.registry, false),
-                    discovery::AGGREGATED_V2,
-                ));
-            }
-            ["api"] => return Ok(ok(&discovery::api_versions())),
-            ["apis"] => return Ok(ok(&discovery::api_group_list(&srv.registry))),
-            ["api", v] => {
-                return discovery::api_resource_list(&srv.registry, "", v)
-                    .map(|d| ok(&d))
-                    .map_err(|_| not_found_path());
-            }
-            ["apis", g] => {
-                return discovery::api_group(&srv.registry, g)
-                    .map(|d| ok(&d))
-                    .map_err(|_| not_found_path());
-            }
-            ["apis", g, v] => {
-                return discovery::api_resource_list(&srv.registry, g, v)
-                    .map(|d| ok(&d))
-                    .map_err(|_| not_found_path());
-            }
-            ["openapi", "v3"] => return Ok(ok(&discovery::openapi_root(&srv.registry))),
-            ["openapi", "v3", rest @ ..] => {
-                return discovery::openapi_group_version(&srv.registry, &rest.join("/"))
-                    .map(|d| ok(&d))
-                    .map_err(|_| not_found_path());
-            }
-            _ => {}
+        if let Some(response) = non_resource(&srv, &user, &parts.method, &path, &segs, &accept) {
+            return response;
         }
         let target = route(&srv, &segs)?;
         let body = axum::body::to_bytes(body, 64 << 20)
@@ -339,6 +295,9 @@ pub async fn handle(State(srv): State<Arc<Server>>, req: Request) -> Response {
             (&Method::DELETE, true) => "deletecollection",
             _ => return Err(ApiError::MethodNotAllowed),
         };
+        if target.rt.review && verb != "create" {
+            return Err(ApiError::MethodNotAllowed);
+        }
         // Like the real server, a list or watch narrowed to one name by a field selector is
         // authorized for that name (so `resourceNames` rules apply).
         let selected_name = if matches!(verb, "list" | "watch") && target.name.is_empty() {
@@ -366,6 +325,9 @@ pub async fn handle(State(srv): State<Arc<Server>>, req: Request) -> Response {
             headers: &parts.headers,
             accept: &accept,
         };
+        if target.rt.review {
+            return review(&ctx, &target, &body);
+        }
         match verb {
             "watch" => watch(&ctx, &target),
             "list" => list(&ctx, &target),
@@ -387,61 +349,162 @@ pub async fn handle(State(srv): State<Arc<Server>>, req: Request) -> Response {
     }
 }
 
+/// Serves the paths that are not API resources: health, version, discovery and OpenAPI,
+/// each authorized as a non-resource URL (the default policy opens `/version` and health to
+/// everyone and discovery to authenticated users). `None` for resource paths.
+fn non_resource(
+    srv: &Server,
+    user: &User,
+    method: &Method,
+    path: &str,
+    segs: &[&str],
+    accept: &str,
+) -> Option<Result<Response, ApiError>> {
+    let is_resource = matches!(segs, ["api", _, _, ..] | ["apis", _, _, _, ..]);
+    if is_resource {
+        return None;
+    }
+    let verb = method.as_str().to_ascii_lowercase();
+    let request = rbac::Request::NonResource { verb: &verb, path };
+    if !rbac::decide(&srv.store, user, &request).allowed {
+        return Some(Err(ApiError::Forbidden {
+            message: rbac::forbidden_path_message(user, &verb, path),
+            subject: Subject::default(),
+        }));
+    }
+    if method != Method::GET {
+        return Some(Err(ApiError::MethodNotAllowed));
+    }
+    let aggregated = accept.contains("as=APIGroupDiscoveryList") && accept.contains("v=v2");
+    Some(match segs {
+        ["healthz"] | ["readyz"] | ["livez"] => Ok(Response::new(Body::from("ok"))),
+        ["version"] => Ok(ok(
+            &json!({"major": "1", "minor": "37", "gitVersion": "v1.37.1-meshlet-test",
+            "platform": "linux/amd64", "goVersion": "n/a (meshlet test server)"}),
+        )),
+        ["api"] if aggregated => Ok(json_response(
+            200,
+            &discovery::aggregated(&srv.registry, true),
+            discovery::AGGREGATED_V2,
+        )),
+        ["apis"] if aggregated => Ok(json_response(
+            200,
+            &discovery::aggregated(&srv.registry, false),
+            discovery::AGGREGATED_V2,
+        )),
+        ["api"] => Ok(ok(&discovery::api_versions())),
+        ["apis"] => Ok(ok(&discovery::api_group_list(&srv.registry))),
+        ["api", v] => discovery::api_resource_list(&srv.registry, "", v)
+            .map(|d| ok(&d))
+            .map_err(|_| not_found_path()),
+        ["apis", g] => discovery::api_group(&srv.registry, g)
+            .map(|d| ok(&d))
+            .map_err(|_| not_found_path()),
+        ["apis", g, v] => discovery::api_resource_list(&srv.registry, g, v)
+            .map(|d| ok(&d))
+            .map_err(|_| not_found_path()),
+        ["openapi", "v2"] if accept.contains("protobuf") => Ok(Response::builder()
+            .header(header::CONTENT_TYPE, discovery::OPENAPI_V2_PROTOBUF)
+            .body(Body::empty())
+            .unwrap_or_default()),
+        ["openapi", "v2"] => Ok(ok(&discovery::openapi_v2())),
+        ["openapi", "v3"] => Ok(ok(&discovery::openapi_root(&srv.registry))),
+        ["openapi", "v3", rest @ ..] => {
+            discovery::openapi_group_version(&srv.registry, &rest.join("/"))
+                .map(|d| ok(&d))
+                .map_err(|_| not_found_path())
+        }
+        _ => Err(not_found_path()),
+    })
+}
+
+/// Who the request is: its bearer token's user (401 for an unknown token), else
+/// `system:anonymous`; then any `Impersonate-*` headers, checked with RBAC.
 fn authenticate(srv: &Server, headers: &HeaderMap) -> Result<User, ApiError> {
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
+        .filter(|token| !token.is_empty());
     let user = match token {
         Some(token) => srv
             .identities
-            .authenticate(token.trim(), &srv.store)
+            .authenticate(token, &srv.store)
             .map_err(|_| ApiError::Unauthorized)?,
-        // kubectl never sends credentials over plain HTTP; like kube-apiserver's former
-        // insecure port, an unauthenticated local request is the administrator.
-        None if srv.opts.anonymous_is_admin => User::admin(),
-        None => return Err(ApiError::Unauthorized),
+        None => User::anonymous(),
     };
-    let Some(as_user) = headers
-        .get("Impersonate-User")
-        .and_then(|v| v.to_str().ok())
-    else {
-        return Ok(user);
-    };
-    // Impersonating oneself changes nothing; it lets one kubeconfig (token + `as:`) give
-    // kubectl, which sends no token over plain HTTP, the same identity as kube-rs clients.
-    if user.name == as_user {
-        return Ok(user);
-    }
-    if !user.is_master() {
-        return Err(ApiError::Forbidden {
-            message: format!(
-                "users \"{as_user}\" is forbidden: User \"{}\" cannot impersonate resource \"users\" in API group \"\" at the cluster scope",
-                user.name
-            ),
+    impersonation::impersonate(&srv.store, user, headers).map_err(|e| match e {
+        ImpersonationError::Impersonate {
+            message,
+            group,
+            resource,
+            name,
+        } => ApiError::Forbidden {
+            message,
             subject: Subject {
-                name: as_user.to_string(),
-                group: String::new(),
-                kind: "users".into(),
+                name,
+                group,
+                kind: resource,
             },
-        });
-    }
-    if let Some(rest) = as_user.strip_prefix("system:serviceaccount:")
-        && let Some((ns, name)) = rest.split_once(':')
-    {
-        return Ok(User::service_account(ns, name));
-    }
-    let mut groups: Vec<String> = headers
-        .get_all("Impersonate-Group")
-        .iter()
-        .filter_map(|v| v.to_str().ok().map(str::to_string))
-        .collect();
-    groups.push("system:authenticated".into());
-    Ok(User {
-        name: as_user.to_string(),
-        groups,
-        service_account: None,
+        },
+        other => ApiError::bad_request(other.to_string()),
     })
+}
+
+/// Answers an access or token review (201, never stored).
+fn review(ctx: &Ctx<'_>, t: &Target, body: &[u8]) -> Result<Response, ApiError> {
+    let ct = ctx
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let doc = if ct.contains("protobuf") {
+        proto::decode_review(body).map_err(|e| match e {
+            ProtoError::DecodeKind { .. } => ApiError::UnsupportedMediaType {
+                message: e.to_string(),
+            },
+            other => ApiError::bad_request(other.to_string()),
+        })?
+    } else {
+        parse_body(ctx.headers, body)?
+    };
+    if let Some(kind) = doc.get("kind").and_then(Value::as_str)
+        && !kind.is_empty()
+        && kind != t.rt.kind
+    {
+        return Err(ApiError::bad_request(format!(
+            "the body is a {kind}, but this endpoint creates {}",
+            t.rt.kind
+        )));
+    }
+    let reviewer = Reviewer {
+        store: &ctx.srv.store,
+        identities: &ctx.srv.identities,
+        requester: ctx.user,
+    };
+    let mut out = reviewer
+        .answer(&t.rt.kind, &t.namespace, doc)
+        .map_err(|e| match e {
+            ReviewError::ValidateReview { field, message, .. } => invalid(
+                t,
+                "",
+                vec![Cause {
+                    reason: if message == "Required value" {
+                        "FieldValueRequired".into()
+                    } else {
+                        "FieldValueInvalid".into()
+                    },
+                    message,
+                    field,
+                }],
+            ),
+            other => ApiError::bad_request(other.to_string()),
+        })?;
+    out["apiVersion"] = json!(t.rt.api_version());
+    out["kind"] = json!(t.rt.kind);
+    Ok(json_response(201, &out, "application/json"))
 }
 
 fn authorize(srv: &Server, user: &User, t: &Target, verb: &str) -> Result<(), ApiError> {

@@ -1,6 +1,9 @@
-//! Kubeconfig files pointing clients (kubectl, kube-rs) at the test server.
+//! Kubeconfig files pointing clients (kubectl, kube-rs) at the test server: its HTTPS URL,
+//! its CA (`certificate-authority-data`) and a bearer token, nothing else.
 
 use std::path::Path;
+
+use base64::Engine;
 
 /// Failures of writing a kubeconfig.
 #[derive(Debug, thiserror::Error)]
@@ -16,9 +19,24 @@ pub enum KubeconfigError {
     },
 }
 
-/// Renders a kubeconfig for `server` (e.g. `http://127.0.0.1:8080`) authenticating with
-/// `token` as `user`.
-pub fn render(server: &str, user: &str, token: &str) -> String {
+/// What a kubeconfig says.
+#[derive(Debug, Clone, Copy)]
+pub struct Kubeconfig<'a> {
+    /// Server URL, e.g. `https://127.0.0.1:6443`.
+    pub server: &'a str,
+    /// PEM of the CA to trust for `server`.
+    pub ca_pem: &'a str,
+    /// Name of the user entry.
+    pub user: &'a str,
+    /// Bearer token.
+    pub token: &'a str,
+    /// Namespace of the context.
+    pub namespace: &'a str,
+}
+
+/// Renders a kubeconfig.
+pub fn render(k: &Kubeconfig<'_>) -> String {
+    let ca = base64::engine::general_purpose::STANDARD.encode(k.ca_pem);
     format!(
         "# Kubeconfig of the meshlet TEST API server (in-memory, not a real cluster).\n\
          apiVersion: v1\n\
@@ -26,7 +44,8 @@ pub fn render(server: &str, user: &str, token: &str) -> String {
          clusters:\n\
          - name: meshlet-test\n  \
            cluster:\n    \
-             server: {server}\n\
+             server: {server}\n    \
+             certificate-authority-data: {ca}\n\
          users:\n\
          - name: {user}\n  \
            user:\n    \
@@ -36,14 +55,18 @@ pub fn render(server: &str, user: &str, token: &str) -> String {
            context:\n    \
              cluster: meshlet-test\n    \
              user: {user}\n    \
-             namespace: default\n\
-         current-context: meshlet-test\n"
+             namespace: {namespace}\n\
+         current-context: meshlet-test\n",
+        server = k.server,
+        user = k.user,
+        token = k.token,
+        namespace = k.namespace,
     )
 }
 
 /// Writes a kubeconfig file (see [`render`]).
-pub fn write(path: &Path, server: &str, user: &str, token: &str) -> Result<(), KubeconfigError> {
-    std::fs::write(path, render(server, user, token)).map_err(|source| KubeconfigError::WriteFile {
+pub fn write(path: &Path, k: &Kubeconfig<'_>) -> Result<(), KubeconfigError> {
+    std::fs::write(path, render(k)).map_err(|source| KubeconfigError::WriteFile {
         path: path.display().to_string(),
         source,
     })

@@ -1,12 +1,15 @@
 //! A Kubernetes API **test** server for Meshlet's end-to-end tests. Not for production.
 //!
 //! No kube-apiserver can be installed on our machines, so this crate is the one sanctioned
-//! test double: an in-memory, plain-HTTP server on 127.0.0.1 implementing the API semantics
-//! Meshlet's operator, agents, `kubectl` and GitOps applies use.
+//! test double: an in-memory server on 127.0.0.1, HTTPS only, implementing the API semantics
+//! Meshlet's operator, agents, `kubectl` and GitOps applies use, with a real server's
+//! strictness: bearer tokens, 401 for unknown ones, RBAC for everyone else (anonymous too).
 //!
 //! ```text
-//!   kubectl / kube-rs ──HTTP──► handlers ──► rbac (tokens, Roles/Bindings)
+//!   kubectl / kube-rs ──HTTPS (tls: CA made at start)──► handlers
 //!                                   │
+//!                                   ├──► authn (tokens) ──► impersonation ──► rbac
+//!                                   ├──► reviews (access reviews, token reviews)
 //!                                   ├──► discovery (legacy, aggregated, OpenAPI v3)
 //!                                   ├──► resources (built-ins + CRDs → schema validators)
 //!                                   ├──► patch / apply (merge, JSON, strategic, SSA)
@@ -16,18 +19,24 @@
 //! ```
 //!
 //! Start one in-process with [`TestApiServer::start`]; it writes a kubeconfig for the
-//! administrator and hands out ServiceAccount tokens with [`TestApiServer::token_for`].
+//! administrator (CA + token) and hands out ServiceAccount tokens with
+//! [`TestApiServer::token_for`] and Pod-bound ones with [`TestApiServer::token_for_pod`].
 
 pub mod apply;
+pub mod authn;
 pub mod discovery;
 pub mod handlers;
+pub mod impersonation;
 pub mod kubeconfig;
 pub mod patch;
+pub mod proto;
 pub mod rbac;
 pub mod resources;
+pub mod reviews;
 pub mod selector;
 pub mod status;
 pub mod store;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -38,7 +47,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio::sync::{Notify, oneshot};
 
-use crate::rbac::{Identities, User};
+use crate::authn::{Identities, PodBinding, User};
 use crate::resources::{Registry, ResourceType};
 use crate::store::{Precondition, Store, StoreError};
 
@@ -74,6 +83,9 @@ pub enum ServerError {
     /// The kubeconfig could not be read back by kube.
     #[error("failed to load the kubeconfig")]
     LoadKubeconfig(#[source] kube::config::KubeconfigError),
+    /// The CA or serving certificate could not be made.
+    #[error(transparent)]
+    MakeCertificates(#[from] tls::TlsError),
 }
 
 /// How to run the server.
@@ -91,9 +103,6 @@ pub struct ServerOptions {
     pub admin_token: String,
     /// Install `meshlet_crds::all_crds()` at start.
     pub install_meshlet_crds: bool,
-    /// Treat requests without a bearer token as the administrator (kubectl sends no
-    /// credentials over plain HTTP). Tokens, when sent, are always checked.
-    pub anonymous_is_admin: bool,
 }
 
 impl Default for ServerOptions {
@@ -105,7 +114,6 @@ impl Default for ServerOptions {
             bookmark_interval: Duration::from_secs(5),
             admin_token: "meshlet-test-admin-token".into(),
             install_meshlet_crds: false,
-            anonymous_is_admin: true,
         }
     }
 }
@@ -348,6 +356,7 @@ pub struct TestApiServer {
     pub addr: SocketAddr,
     /// Administrator kubeconfig.
     pub kubeconfig_path: PathBuf,
+    ca_pem: String,
     state: Arc<Server>,
     dir: PathBuf,
     _tempdir: Option<tempfile::TempDir>,
@@ -355,9 +364,11 @@ pub struct TestApiServer {
 }
 
 impl TestApiServer {
-    /// Binds, installs the default namespaces (and optionally Meshlet's CRDs), writes the
-    /// administrator kubeconfig and starts serving.
+    /// Makes the CA and serving certificate, binds, installs the default namespaces, the
+    /// default RBAC policy (and optionally Meshlet's CRDs), writes the administrator
+    /// kubeconfig and starts serving HTTPS.
     pub async fn start(opts: ServerOptions) -> Result<Self, ServerError> {
+        let certificates = tls::generate()?;
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", opts.port))
             .await
             .map_err(|source| ServerError::BindSocket {
@@ -404,6 +415,15 @@ impl TestApiServer {
                     "metadata": {"name": "default", "namespace": ns, "uid": format!("{uid}-sa"), "creationTimestamp": now}}),
             )?;
         }
+        for (gr, obj) in rbac::bootstrap_policy() {
+            let mut obj = obj;
+            obj["metadata"]["uid"] = json!(format!(
+                "00000000-0000-4000-a000-{:012x}",
+                state.next_random() & 0xffff_ffff_ffff
+            ));
+            obj["metadata"]["creationTimestamp"] = json!(now);
+            state.install(&gr, obj)?;
+        }
         if opts.install_meshlet_crds {
             for crd in meshlet_crds::all_crds() {
                 let mut v = serde_json::to_value(&crd).map_err(|e| ServerError::InstallObject {
@@ -432,22 +452,25 @@ impl TestApiServer {
         let kubeconfig_path = dir.join("kubeconfig");
         kubeconfig::write(
             &kubeconfig_path,
-            &format!("http://{addr}"),
-            "admin",
-            &opts.admin_token,
+            &kubeconfig::Kubeconfig {
+                server: &format!("https://{addr}"),
+                ca_pem: &certificates.ca_pem,
+                user: "admin",
+                token: &opts.admin_token,
+                namespace: "default",
+            },
         )?;
 
         let app = axum::Router::new()
             .fallback(handlers::handle)
             .with_state(state.clone());
         let (tx, rx) = oneshot::channel::<()>();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = rx.await;
-                })
-                .await;
-        });
+        tokio::spawn(tls::serve(
+            listener,
+            certificates.server_config.clone(),
+            app,
+            rx,
+        ));
         let gc_state = Arc::downgrade(&state);
         let gc_notify = state.gc.clone();
         tokio::spawn(async move {
@@ -467,6 +490,7 @@ impl TestApiServer {
         Ok(Self {
             addr,
             kubeconfig_path,
+            ca_pem: certificates.ca_pem,
             state,
             dir,
             _tempdir: tempdir,
@@ -474,29 +498,72 @@ impl TestApiServer {
         })
     }
 
-    /// Base URL, e.g. `http://127.0.0.1:34567`.
+    /// Base URL, e.g. `https://127.0.0.1:34567`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("https://{}", self.addr)
+    }
+
+    /// The TCP port it listens on.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// PEM of the CA that signed the serving certificate (what clients must trust).
+    pub fn ca_pem(&self) -> String {
+        self.ca_pem.clone()
     }
 
     /// A bearer token authenticating as ServiceAccount `namespace/name` (valid while that
     /// ServiceAccount exists).
     pub fn token_for(&self, namespace: &str, name: &str) -> String {
-        let token = format!(
-            "meshlet-test-sa.{namespace}.{name}.{:016x}",
-            self.state.next_random()
-        );
+        let token = authn::mint_token(&format!("meshlet-test-sa.{namespace}.{name}"));
         self.state
             .identities
             .insert(&token, User::service_account(namespace, name));
         token
     }
 
-    /// Writes a kubeconfig for ServiceAccount `namespace/name` and returns its path.
+    /// A bearer token of ServiceAccount `namespace/sa` bound to Pod `pod_name` (uid
+    /// `pod_uid`) on Node `node_name`, as the kubelet projects into a Pod: valid while the
+    /// ServiceAccount and that Pod (same uid) exist; its user's `extra` carries
+    /// `authentication.kubernetes.io/{node-name,pod-name,pod-uid}`.
+    pub fn token_for_pod(
+        &self,
+        namespace: &str,
+        sa: &str,
+        pod_name: &str,
+        pod_uid: &str,
+        node_name: &str,
+    ) -> String {
+        let token = authn::mint_token(&format!("meshlet-test-pod.{namespace}.{pod_name}"));
+        self.state.identities.insert_bound(
+            &token,
+            User::service_account(namespace, sa),
+            PodBinding {
+                namespace: namespace.into(),
+                name: pod_name.into(),
+                uid: pod_uid.into(),
+                node_name: node_name.into(),
+            },
+        );
+        token
+    }
+
+    /// Writes a kubeconfig (CA + bearer token) for ServiceAccount `namespace/name` and
+    /// returns its path.
     pub fn kubeconfig_for(&self, namespace: &str, name: &str) -> Result<PathBuf, ServerError> {
         let token = self.token_for(namespace, name);
         let path = self.dir.join(format!("kubeconfig-{namespace}-{name}"));
-        kubeconfig::write(&path, &self.url(), &format!("{namespace}-{name}"), &token)?;
+        kubeconfig::write(
+            &path,
+            &kubeconfig::Kubeconfig {
+                server: &self.url(),
+                ca_pem: &self.ca_pem,
+                user: &format!("{namespace}-{name}"),
+                token: &token,
+                namespace: "default",
+            },
+        )?;
         Ok(path)
     }
 

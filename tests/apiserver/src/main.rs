@@ -6,8 +6,9 @@ use std::time::Duration;
 use clap::Parser;
 use meshlet_test_apiserver::{ServerOptions, TestApiServer};
 
-/// A Kubernetes API TEST server for Meshlet's end-to-end tests: in-memory, plain HTTP on
-/// 127.0.0.1, no persistence, no TLS. NOT a real cluster and not for production.
+/// A Kubernetes API TEST server for Meshlet's end-to-end tests: in-memory, HTTPS on
+/// 127.0.0.1 with a CA made at start (in the kubeconfigs it writes), no persistence. NOT a
+/// real cluster and not for production.
 #[derive(Debug, Parser)]
 #[command(name = "meshlet-test-apiserver", version, about, long_about = None)]
 struct Args {

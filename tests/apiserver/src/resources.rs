@@ -70,6 +70,8 @@ pub struct ResourceType {
     pub crd_name: Option<String>,
     /// Printer columns of a custom resource.
     pub printer_columns: Vec<PrinterColumn>,
+    /// A create-only review (access or token review): answered, never stored.
+    pub review: bool,
 }
 
 impl std::fmt::Debug for ResourceType {
@@ -102,6 +104,7 @@ impl ResourceType {
             schema: None,
             crd_name: None,
             printer_columns: Vec::new(),
+            review: false,
         }
     }
 
@@ -143,6 +146,11 @@ pub fn builtins() -> Vec<ResourceType> {
     let mut all = builtin_types();
     for t in &mut all {
         t.printer_columns = builtin_columns(&t.resource);
+    }
+    for (group, resource, kind, namespaced) in crate::reviews::REVIEWS {
+        let mut t = ResourceType::builtin(group, "v1", resource, kind, *namespaced, &[], false);
+        t.review = true;
+        all.push(t);
     }
     all
 }
@@ -346,6 +354,7 @@ pub fn from_crd(crd_json: &Value) -> Result<Vec<ResourceType>, ResourcesError> {
                     priority: i64::from(c.priority.unwrap_or(0)),
                 })
                 .collect(),
+            review: false,
         });
     }
     Ok(out)

@@ -93,3 +93,27 @@ pub fn file(server: &TestApiServer, name: &str, content: &str) -> String {
     std::fs::write(&p, content).expect("write test file");
     p.display().to_string()
 }
+
+/// Runs kubectl with `kubeconfig` (another identity than the administrator) from the
+/// workspace root; returns (success, stdout, stderr).
+pub fn kubectl_with(
+    server: &TestApiServer,
+    kubeconfig: &std::path::Path,
+    args: &[&str],
+) -> (bool, String, String) {
+    let out = Command::new(kubectl_path())
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .env(
+            "HOME",
+            server.kubeconfig_path.parent().expect("kubeconfig dir"),
+        )
+        .current_dir(root())
+        .output()
+        .expect("run kubectl");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

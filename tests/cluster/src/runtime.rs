@@ -299,10 +299,13 @@ impl Container {
         }
     }
 
-    /// Sends `signal` (e.g. `TERM`, `KILL`) to the container's processes.
+    /// Sends `signal` (e.g. `TERM`, `KILL`) to the container's first process, as containerd
+    /// stops a container (`KILL` to the first process of a pid namespace ends all of it).
+    /// Not `runc kill --all`: on cgroup v1 that freezes the container, which interrupts
+    /// system calls with timeouts (EINTR) where a real node would not.
     pub async fn kill(&self, signal: &str) {
         let _ = runc_command(&self.runc_root)
-            .args(["kill", "--all", &self.id, signal])
+            .args(["kill", &self.id, signal])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()

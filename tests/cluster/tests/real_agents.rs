@@ -82,10 +82,10 @@ spec:
           httpGet: {{path: /readyz, port: 9090}}
           periodSeconds: 1
         securityContext:
-          capabilities: {{drop: [ALL], add: [BPF, NET_ADMIN, PERFMON, SYS_ADMIN, SYS_RESOURCE]}}
+          capabilities: {{drop: [ALL], add: [BPF, NET_ADMIN]}}
         volumeMounts:
         - {{name: bpffs, mountPath: /sys/fs/bpf, mountPropagation: HostToContainer}}
-        - {{name: cgroup, mountPath: /host/sys/fs/cgroup}}
+        - {{name: cgroup, mountPath: /host/sys/fs/cgroup, readOnly: true}}
         - {{name: run, mountPath: /run/meshlet}}
         - {{name: config, mountPath: /etc/meshlet, readOnly: true}}
       volumes:

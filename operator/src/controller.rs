@@ -416,7 +416,15 @@ async fn reconcile(
     let mut expect = Vec::new();
     let mut first_error: Option<ReconcileError> = None;
     enrollments_step(ctx, &decision, &plan, &mut expect, &mut first_error).await;
-    actions_step(ctx, &decision, &plan, &mut expect, &mut first_error).await;
+    actions_step(
+        ctx,
+        &decision,
+        &plan,
+        &version,
+        &mut expect,
+        &mut first_error,
+    )
+    .await;
 
     let previous = mesh.status.clone().unwrap_or_default();
     let new_status = observe::status(&mesh, &decision, &plan, &previous, snap.now);
@@ -648,11 +656,13 @@ async fn release_finalizer(
     }
 }
 
-/// Carries out the plan: set desired versions, then restart the agent pods concerned.
+/// Carries out the plan: set desired versions, then restart the agent pods concerned. A node
+/// without a desired version runs what the DaemonSet template (`template`) gives it.
 async fn actions_step(
     ctx: &Context,
     d: &Decision,
     plan: &Plan,
+    template: &str,
     expect: &mut Vec<Expect>,
     first: &mut Option<ReconcileError>,
 ) {
@@ -706,8 +716,11 @@ async fn actions_step(
         })
         .filter(|node| !failed_nodes.contains(*node))
         .filter_map(|node| Some((node, d.pods.get(node)?)))
-        // A pod already on the version its node should run needs no restart.
-        .filter(|(node, pod)| pod.version.as_ref() != desired.get(node))
+        // A pod already on the version its node should run needs no restart: deleting it
+        // would only bring the same version back, again and again.
+        .filter(|(node, pod)| {
+            pod.version.as_deref() != Some(desired.get(node).map_or(template, String::as_str))
+        })
         .collect();
     let results: Vec<Result<(), ReconcileError>> = limited(&restarts, conc, |(node, pod)| {
             let api = pods_api.clone();

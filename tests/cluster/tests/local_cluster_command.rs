@@ -37,7 +37,7 @@ async fn up_prints_a_kubeconfig_with_ready_nodes_and_down_leaves_nothing_behind(
     let (code, help) = script(&["--help"], &dir);
     assert_eq!(code, 0, "{help}");
     assert!(
-        help.contains("TEST cluster") && help.contains("production means a real"),
+        help.contains("TEST cluster") && help.contains("production\nmeans a real"),
         "{help}"
     );
 

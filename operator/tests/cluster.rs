@@ -217,10 +217,14 @@ async fn the_agent_daemonset_follows_the_contract_and_a_second_identical_apply_c
     assert_eq!(agent["image"], "ghcr.io/meshlet-io/meshlet-agent:1.2.3");
     assert_eq!(agent["args"], json!(["run", "--kubernetes"]));
     assert_eq!(agent["readinessProbe"]["httpGet"]["path"], "/readyz");
-    assert_eq!(
-        pod["spec"]["initContainers"][0]["args"],
-        json!(["preflight"])
-    );
+    // bpffs is mounted on the node first (if missing), then the new version's preflight runs.
+    let inits: Vec<&serde_json::Value> = pod["spec"]["initContainers"]
+        .as_array()
+        .expect("init containers")
+        .iter()
+        .map(|c| &c["args"])
+        .collect();
+    assert_eq!(inits, [&json!(["mount-bpffs"]), &json!(["preflight"])]);
     let names: Vec<&str> = agent["env"]
         .as_array()
         .expect("env")

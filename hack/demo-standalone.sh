@@ -10,7 +10,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 [ "$(id -u)" = 0 ] || { echo "demo: run as root (eBPF programs and cgroups need it)" >&2; exit 1; }
-[ -e /sys/fs/cgroup/unified/cgroup.procs ] || { echo "demo: cgroup v2 not mounted at /sys/fs/cgroup/unified" >&2; exit 1; }
+# The cgroup2 hierarchy wherever this host mounts it (/sys/fs/cgroup on cgroup-v2-only hosts).
+CGROOT=$(awk '$9 == "cgroup2" && $4 == "/" {print $5; exit}' /proc/self/mountinfo)
+[ -n "$CGROOT" ] || { echo "demo: no cgroup2 hierarchy is mounted" >&2; exit 1; }
 [ -d /sys/fs/bpf ] || { echo "demo: bpffs not mounted at /sys/fs/bpf" >&2; exit 1; }
 
 if [ "${MESHLET_DEMO_SKIP_SETUP:-0}" != 1 ]; then
@@ -25,7 +27,7 @@ AGENT="$PWD/$BIN/meshlet-agent"; CTL="$PWD/$BIN/meshletctl"
 [ -x "$AGENT" ] || { AGENT="$BIN/meshlet-agent"; CTL="$BIN/meshletctl"; }
 
 NAME="meshlet-demo-$$"
-CG="/sys/fs/cgroup/unified/$NAME"
+CG="$CGROOT/$NAME"
 ROOT="/sys/fs/bpf/$NAME"
 WORK="$(mktemp -d)"
 METRICS="127.0.0.1:${MESHLET_DEMO_METRICS_PORT:-19464}"

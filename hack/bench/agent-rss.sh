@@ -13,7 +13,8 @@ cargo build -q --release -p meshlet-agent --bins
 BIN="${CARGO_TARGET_DIR:-target}/release"
 
 NAME="meshlet-rss-$$"
-CG="/sys/fs/cgroup/unified/$NAME"; ROOT="/sys/fs/bpf/$NAME"; WORK="$(mktemp -d)"
+CGROOT=$(awk '$9 == "cgroup2" && $4 == "/" {print $5; exit}' /proc/self/mountinfo)
+CG="$CGROOT/$NAME"; ROOT="/sys/fs/bpf/$NAME"; WORK="$(mktemp -d)"
 cleanup() {
   [ -n "${PID:-}" ] && kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null || true
   "$BIN/meshlet-agent" reset --bpffs-root "$ROOT" --cgroup "$CG" --lock-file "$WORK/lock" >/dev/null 2>&1 || true

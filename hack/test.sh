@@ -24,5 +24,8 @@ bash hack/validate-manifests.sh
 step "OLM bundle validates (cargo xtask olm-validate olm)"
 cargo xtask olm-validate olm
 
+step "container images (cargo xtask images): the image tests and the local cluster run them"
+cargo xtask images
+
 step "cargo test"
 cargo test --workspace --all-features --no-fail-fast

@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use flate2::GzBuilder;
 
@@ -88,13 +89,16 @@ struct Entry {
 
 /// One layer: files, directories and symlinks by their path in the image. Parent
 /// directories are added (mode 0755, root) when not given; entries are owned by root unless
-/// [`Layer::owner`] says otherwise. Host files are read when the image is written.
+/// [`Layer::owner`] says otherwise. Host files are read when the image is first written;
+/// clones of a layer share its compressed blob, so images that differ only in their config
+/// compress it once.
 #[derive(Debug, Clone, Default)]
 pub struct Layer {
     entries: BTreeMap<String, Entry>,
     invalid: Vec<(String, &'static str)>,
     uid: u64,
     gid: u64,
+    blob: Arc<Mutex<Option<Arc<LayerBlob>>>>,
 }
 
 impl Layer {
@@ -187,6 +191,7 @@ impl Layer {
     }
 
     fn add(mut self, image_path: &str, node: Node, mode: u32) -> Self {
+        self.blob = Arc::default();
         match normalize(image_path) {
             Ok(path) => {
                 let entry = Entry {
@@ -200,6 +205,17 @@ impl Layer {
             Err(reason) => self.invalid.push((image_path.to_string(), reason)),
         }
         self
+    }
+
+    /// The layer's gzip blob, compressed on first use.
+    fn compressed(&self, archive: &Path) -> Result<Arc<LayerBlob>, BuildError> {
+        let mut blob = self.blob.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(b) = blob.as_ref() {
+            return Ok(b.clone());
+        }
+        let b = Arc::new(layer_blob(self, archive)?);
+        *blob = Some(b.clone());
+        Ok(b)
     }
 
     /// Every entry with its missing parent directories, sorted by path.
@@ -334,9 +350,9 @@ impl ImageBuilder {
         let mut diff_ids = Vec::new();
         let mut unpacked_bytes = 0;
         for layer in &self.layers {
-            let built = layer_blob(layer, archive)?;
-            blobs.push(Blob::new(MEDIA_LAYER_GZIP, built.gzip));
-            diff_ids.push(built.diff_id);
+            let built = layer.compressed(archive)?;
+            blobs.push(Blob::new(MEDIA_LAYER_GZIP, built.gzip.clone()));
+            diff_ids.push(built.diff_id.clone());
             unpacked_bytes += built.file_bytes;
         }
         let config = ConfigBlob {
@@ -397,6 +413,7 @@ fn json<T: serde::Serialize>(value: &T) -> io::Result<Vec<u8>> {
 }
 
 /// A layer as a gzip blob.
+#[derive(Debug)]
 struct LayerBlob {
     gzip: Vec<u8>,
     diff_id: String,

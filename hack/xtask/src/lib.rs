@@ -11,6 +11,7 @@
 
 pub mod bundle;
 pub mod generate;
+pub mod images;
 pub mod manifests;
 pub mod olm;
 pub mod rbac;

@@ -24,6 +24,15 @@ enum Command {
         /// Bundle directory.
         dir: PathBuf,
     },
+    /// Build the container images (oci-archive files) from this workspace, offline.
+    Images {
+        /// Cargo profile of the binaries.
+        #[arg(long, value_enum, default_value = "release")]
+        profile: xtask::images::Profile,
+        /// Directory the archives are written to.
+        #[arg(long, default_value = xtask::images::DEFAULT_OUT)]
+        out: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -78,6 +87,16 @@ fn run() -> anyhow::Result<()> {
                 );
             }
             println!("bundle {} is valid ({})", dir.display(), report.summary);
+        }
+        Command::Images { profile, out } => {
+            let root = root.canonicalize()?;
+            let out = if out.is_relative() {
+                root.join(out)
+            } else {
+                out
+            };
+            let opts = xtask::images::Options { profile, out };
+            xtask::images::build(&root, &opts, |outcome| println!("{outcome}"))?;
         }
     }
     Ok(())

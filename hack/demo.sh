@@ -147,7 +147,7 @@ pod_log() { cat "$DIR/$1"/root/var/log/pods/default_"$2"_*/traffic/0.log 2>/dev/
 pod_report() {
   local node=$1 name=$2 line
   for _ in $(seq 1 600); do
-    line=$(pod_log "$node" "$name" | grep '^{' | tail -n 1)
+    line=$(pod_log "$node" "$name" | grep '^{' | tail -n 1 || true)
     [ -n "$line" ] && { echo "$line"; return 0; }
     sleep 0.1
   done
@@ -172,7 +172,7 @@ for node in node-1 node-2 node-3; do
   traffic_pod "clients-$node" "$node" --clients 2
 done
 for node in node-1 node-2 node-3; do
-  for _ in $(seq 1 300); do pod_log "$node" "clients-$node" | grep -qx ready && break; sleep 0.1; done
+  for _ in $(seq 1 300); do { pod_log "$node" "clients-$node" | grep -qx ready; } && break; sleep 0.1; done
 done
 "$KUBECTL" get pods -o wide
 meshconfig v2 | "$KUBECTL" apply --server-side -f -

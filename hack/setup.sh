@@ -8,6 +8,8 @@ APT_PACKAGES=(clang llvm libbpf-dev protobuf-compiler libprotobuf-dev iproute2 i
               python3-venv ca-certificates
               # container images (cargo xtask images) and running them: strip, runc, skopeo
               binutils runc skopeo
+              # the kubelet fidelity tests pin a map with bpftool
+              bpftool
               # IPsec VM test (hack/vm/run.sh): emulator, initramfs tools, capture
               qemu-system-x86 busybox-static tcpdump cpio kmod)
 missing=()

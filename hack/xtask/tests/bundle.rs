@@ -106,8 +106,7 @@ fn our_owned_crds(dir: &Path) -> Vec<Value> {
 
 #[test]
 fn olm_reference_bundle_in_the_flat_layout_is_accepted() {
-    let report = check_bundle(&reference_bundle())
-        .expect("the check runs");
+    let report = check_bundle(&reference_bundle()).expect("the check runs");
     assert!(report.problems.is_empty(), "{:#?}", report.problems);
     assert!(report.summary.contains("flat layout"), "{}", report.summary);
     assert!(

@@ -662,6 +662,80 @@ fn list(ctx: &Ctx<'_>, t: &Target) -> Result<Response, ApiError> {
     })))
 }
 
+/// The pods' `Status` column: computed as kubectl's and kube-apiserver's pod printer does
+/// (a waiting or terminated container's reason, `Init:…`, `Terminating`), not a JSONPath.
+pub const POD_STATUS_COLUMN: &str = "<pod status>";
+
+/// The reason `kubectl get pods` shows for a pod.
+fn pod_status(pod: &Value) -> Value {
+    let status = &pod["status"];
+    let mut reason = status["reason"]
+        .as_str()
+        .or_else(|| status["phase"].as_str())
+        .unwrap_or("Pending")
+        .to_string();
+    let code_reason = |t: &Value, prefix: &str| -> String {
+        match t["reason"].as_str().filter(|r| !r.is_empty()) {
+            Some(r) => format!("{prefix}{r}"),
+            None => match t["signal"].as_i64().filter(|s| *s != 0) {
+                Some(sig) => format!("{prefix}Signal:{sig}"),
+                None => format!("{prefix}ExitCode:{}", t["exitCode"].as_i64().unwrap_or(0)),
+            },
+        }
+    };
+    let inits = status["initContainerStatuses"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let mut initializing = false;
+    for (i, c) in inits.iter().enumerate() {
+        let state = &c["state"];
+        if state["terminated"]["exitCode"].as_i64() == Some(0) {
+            continue;
+        }
+        initializing = true;
+        reason = if state["terminated"].is_object() {
+            code_reason(&state["terminated"], "Init:")
+        } else if let Some(w) = state["waiting"]["reason"]
+            .as_str()
+            .filter(|r| !r.is_empty() && *r != "PodInitializing")
+        {
+            format!("Init:{w}")
+        } else {
+            format!("Init:{i}/{}", inits.len())
+        };
+        break;
+    }
+    if !initializing {
+        let mut running = false;
+        for c in status["containerStatuses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .rev()
+        {
+            let state = &c["state"];
+            if let Some(w) = state["waiting"]["reason"]
+                .as_str()
+                .filter(|r| !r.is_empty())
+            {
+                reason = w.to_string();
+            } else if state["terminated"].is_object() {
+                reason = code_reason(&state["terminated"], "");
+            } else if state["running"].is_object() && c["ready"].as_bool() == Some(true) {
+                running = true;
+            }
+        }
+        if reason == "Completed" && running {
+            reason = "Running".into();
+        }
+    }
+    if pod["metadata"]["deletionTimestamp"].is_string() {
+        reason = "Terminating".into();
+    }
+    Value::String(reason)
+}
+
 /// Evaluates the JSONPath subset printer columns use: `.a.b`, `[n]` and
 /// `[?(@.field=="value")]` (first match).
 fn simple_json_path(obj: &Value, path: &str) -> Option<Value> {
@@ -748,7 +822,11 @@ fn table(rt: &ResourceType, items: &[Arc<Value>], rv: u64, cont: Option<String>)
         .map(|o| {
             let mut cells = vec![o.pointer("/metadata/name").cloned().unwrap_or(Value::Null)];
             for c in &rt.printer_columns {
-                let v = simple_json_path(o, &c.json_path).unwrap_or(Value::Null);
+                let v = if c.json_path == POD_STATUS_COLUMN {
+                    pod_status(o)
+                } else {
+                    simple_json_path(o, &c.json_path).unwrap_or(Value::Null)
+                };
                 cells.push(if c.type_ == "date" { age(&v) } else { v });
             }
             if !has_age {
@@ -1797,4 +1875,34 @@ pub(crate) fn next_seed(state: &std::sync::atomic::AtomicU64) -> u64 {
     x ^= x >> 27;
     x = x.wrapping_mul(0x94D0_49BB_1331_11EB);
     x ^ (x >> 31)
+}
+
+#[cfg(test)]
+mod pod_status_tests {
+    use super::pod_status;
+    use serde_json::json;
+
+    #[test]
+    fn the_pod_status_column_shows_what_kubectl_shows_on_a_real_cluster() {
+        let waiting = |r: &str| {
+            json!({"status": {"phase": "Pending",
+            "containerStatuses": [{"state": {"waiting": {"reason": r}}}]}})
+        };
+        assert_eq!(pod_status(&waiting("ErrImagePull")), "ErrImagePull");
+        assert_eq!(pod_status(&waiting("CrashLoopBackOff")), "CrashLoopBackOff");
+        let running = json!({"status": {"phase": "Running",
+            "containerStatuses": [{"ready": true, "state": {"running": {}}}]}});
+        assert_eq!(pod_status(&running), "Running");
+        let init_failed = json!({"status": {"phase": "Pending",
+            "initContainerStatuses": [{"state": {"terminated": {"exitCode": 3, "reason": "Error"}}}],
+            "containerStatuses": [{"state": {"waiting": {"reason": "PodInitializing"}}}]}});
+        assert_eq!(pod_status(&init_failed), "Init:Error");
+        let init_running = json!({"status": {"phase": "Pending",
+            "initContainerStatuses": [{"state": {"terminated": {"exitCode": 0}}},
+                                      {"state": {"running": {}}}]}});
+        assert_eq!(pod_status(&init_running), "Init:1/2");
+        let deleting = json!({"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"},
+            "status": {"phase": "Running"}});
+        assert_eq!(pod_status(&deleting), "Terminating");
+    }
 }

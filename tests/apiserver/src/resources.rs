@@ -167,7 +167,7 @@ fn builtin_columns(resource: &str) -> Vec<PrinterColumn> {
         ],
         "pods" => &[
             ("Ready", "string", ready, 0),
-            ("Status", "string", ".status.phase", 0),
+            ("Status", "string", crate::handlers::POD_STATUS_COLUMN, 0),
             (
                 "Restarts",
                 "integer",

@@ -199,7 +199,12 @@ async fn the_kubelet_enforces_host_path_types_read_only_roots_non_root_and_capab
         "the container sees itself at the root of its cgroup namespace: {log}"
     );
     assert!(log.contains("cgroup2"), "cgroup2 at /sys/fs/cgroup: {log}");
-    let pid = cluster.pod_pid(NS, "cgroupns", "c").expect("pid");
+    let pid = eventually(
+        "cgroupns: the container's pid",
+        Duration::from_secs(10),
+        || async { cluster.pod_pid(NS, "cgroupns", "c") },
+    )
+    .await;
     let host_view = cgroup_of(pid);
     assert!(
         host_view.contains("/node-1/kubepods/pod"),
@@ -313,7 +318,12 @@ async fn pins_under_a_bidirectional_bpffs_mount_survive_the_container_and_privat
     ] {
         create(&cluster, name, bpffs_pod(propagation)).await;
         log_with(&cluster, name, "c", "mounted").await;
-        let pid = cluster.pod_pid(NS, name, "c").expect("pid");
+        let pid = eventually(
+            &format!("{name}: the container's pid"),
+            Duration::from_secs(10),
+            || async { cluster.pod_pid(NS, name, "c") },
+        )
+        .await;
         // Pin a real map into the container's bpffs, through the container's own root.
         let pin = format!("/proc/{pid}/root/mnt/counters");
         let out = std::process::Command::new("bpftool")

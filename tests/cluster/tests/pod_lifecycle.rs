@@ -92,7 +92,10 @@ async fn a_failing_init_container_keeps_the_pod_pending_with_its_exit_code_and_m
         "the main container never started"
     );
     let (_, out, _) = kubectl(&cluster, &["get", "pod", &name]).await;
-    assert!(out.contains("Pending"), "{out}");
+    assert!(
+        out.contains("Init:Error") || out.contains("Init:CrashLoopBackOff"),
+        "kubectl get pods shows the init failure: {out}"
+    );
     cluster.shutdown().await.expect("shutdown");
 }
 
@@ -118,6 +121,11 @@ async fn an_unknown_image_is_err_image_pull_and_a_killed_container_is_restarted(
     })
     .await;
     assert_eq!(s["phase"], "Pending");
+    let (_, out, _) = kubectl(&cluster, &["get", "pod", &unknown]).await;
+    assert!(
+        out.contains("ErrImagePull") || out.contains("ImagePullBackOff"),
+        "kubectl get pods shows the pull failure: {out}"
+    );
     let msg = s["containerStatuses"][0]["state"]["waiting"]["message"]
         .as_str()
         .unwrap_or_default();

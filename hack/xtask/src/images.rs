@@ -325,7 +325,7 @@ impl std::fmt::Display for Outcome {
                 unpacked_bytes,
             } => write!(
                 f,
-                "{reference}  {}  {:.1} MiB compressed, {:.1} MiB unpacked",
+                "{reference}  {}  {:.2} MiB compressed, {:.2} MiB unpacked",
                 archive.display(),
                 *archive_bytes as f64 / MIB,
                 *unpacked_bytes as f64 / MIB

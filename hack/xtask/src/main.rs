@@ -29,9 +29,9 @@ enum Command {
         /// Cargo profile of the binaries.
         #[arg(long, value_enum, default_value = "release")]
         profile: xtask::images::Profile,
-        /// Directory the archives are written to.
-        #[arg(long, default_value = xtask::images::DEFAULT_OUT)]
-        out: PathBuf,
+        /// Directory the archives are written to [default: target/images of the workspace].
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -90,10 +90,9 @@ fn run() -> anyhow::Result<()> {
         }
         Command::Images { profile, out } => {
             let root = root.canonicalize()?;
-            let out = if out.is_relative() {
-                root.join(out)
-            } else {
-                out
+            let out = match out {
+                None => root.join(xtask::images::DEFAULT_OUT),
+                Some(out) => std::env::current_dir()?.join(out),
             };
             let opts = xtask::images::Options { profile, out };
             xtask::images::build(&root, &opts, |outcome| println!("{outcome}"))?;

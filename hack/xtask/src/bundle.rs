@@ -3,18 +3,24 @@
 //! ```text
 //!  DIR ─► layout (registry+v1: manifests/ + metadata/, or flat: CSV and CRDs in DIR)
 //!      ─► documents by kind ─┬─► CSV against OLM's CSV schema (reference/olm, strict)
-//!                            ├─► install modes and install strategy
-//!                            ├─► owned CRDs  ⇔  CRD files in the bundle
+//!                            ├─► CSV name, case-sensitive annotations, minKubeVersion
+//!                            ├─► install modes (only AllNamespaces with conversion webhooks)
+//!                            │   and install strategy
+//!                            ├─► ServiceAccounts the bundle ships ⇔ ones the CSV creates
+//!                            ├─► owned CRDs (group/version/kind) ⇔ CRD files, no duplicates
 //!                            ├─► alm-examples against their CRD's schema
 //!                            └─► metadata/annotations.yaml required keys (registry+v1)
 //!                                        ▼
-//!                            Report { problems, notes }
+//!                            Report { problems, warnings, notes, summary }
 //! ```
 //!
-//! Every problem names the file, the object and what is wrong, so a broken bundle says what
-//! to fix. An `Err` means the check itself could not run (for example the schema is missing).
+//! Problems and warnings follow the classification of OLM's own bundle validators
+//! (operator-framework/api `pkg/validation`): what OLM reports as an error is a problem, what
+//! it reports as a warning is a warning. Every message names the file and the field, so a
+//! broken bundle says what to fix. An `Err` means the check itself could not run (for example
+//! the schema is missing).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
@@ -40,6 +46,19 @@ pub const REQUIRED_ANNOTATIONS: [&str; 5] = [
     "operators.operatorframework.io.bundle.channels.v1",
 ];
 
+/// Annotations OLM reads case-sensitively (operator-framework/api
+/// `CaseSensitiveAnnotationKeySet`); any other spelling is ignored by OLM.
+pub const CASE_SENSITIVE_ANNOTATIONS: [&str; 5] = [
+    "olm.operatorGroup",
+    "olm.operatorNamespace",
+    "olm.targetNamespaces",
+    "olm.providedAPIs",
+    "olm.skipRange",
+];
+
+/// Longest CSV `metadata.name`: OLM uses the name as a label value.
+pub const MAX_CSV_NAME_LEN: usize = 63;
+
 /// OLM's CSV CRD (operator-framework/api, Apache-2.0; see `reference/olm/SOURCE.md`), built
 /// into the binary so the checker needs nothing beside it.
 const CSV_SCHEMA: &str =
@@ -48,8 +67,11 @@ const CSV_SCHEMA: &str =
 /// Outcome of a bundle check.
 #[derive(Debug, Default)]
 pub struct Report {
-    /// What makes the bundle invalid; empty for a valid bundle.
+    /// What makes the bundle invalid (OLM reports these as errors); empty for a valid bundle.
     pub problems: Vec<String>,
+    /// What OLM accepts but reports as a warning, and what the bundle likely got wrong without
+    /// being invalid. A bundle with warnings only is valid.
+    pub warnings: Vec<String>,
     /// Checks that could not apply (for example a CRD without a schema).
     pub notes: Vec<String>,
     /// One line describing what was checked.
@@ -157,15 +179,18 @@ pub fn check_bundle_with(dir: &Path, csv_crd: &Value) -> anyhow::Result<Report> 
         .iter()
         .filter(|d| d.value["kind"] == "ClusterServiceVersion")
         .collect();
-    let crds: BTreeMap<String, &Doc> = docs
+    let crd_docs: Vec<&Doc> = docs
         .iter()
         .filter(|d| d.value["kind"] == "CustomResourceDefinition")
-        .filter_map(|d| {
-            d.value["metadata"]["name"]
-                .as_str()
-                .map(|n| (n.to_owned(), d))
-        })
         .collect();
+    check_duplicate_crds(&mut report, &crd_docs);
+    // By name; a duplicate (reported above) does not replace the first file.
+    let mut crds: BTreeMap<String, &Doc> = BTreeMap::new();
+    for d in &crd_docs {
+        if let Some(n) = d.value["metadata"]["name"].as_str() {
+            crds.entry(n.to_owned()).or_insert(d);
+        }
+    }
     let csv = match csvs.as_slice() {
         [one] => *one,
         [] => {
@@ -188,8 +213,11 @@ pub fn check_bundle_with(dir: &Path, csv_crd: &Value) -> anyhow::Result<Report> 
     let csv = &csv.value;
 
     check_csv_schema(&mut report, &csv_file, csv, csv_crd)?;
+    check_csv_metadata(&mut report, &csv_file, csv);
     check_install(&mut report, &csv_file, csv);
-    check_owned_crds(&mut report, &csv_file, csv, &crds);
+    check_conversion_install_modes(&mut report, &csv_file, csv, &crd_docs);
+    check_service_accounts(&mut report, &csv_file, csv, &docs);
+    check_owned_crds(&mut report, &csv_file, csv, &crd_docs);
     let examples = check_alm_examples(&mut report, &csv_file, csv, &crds)?;
     if registry_v1 {
         check_annotations(&mut report, dir);
@@ -293,8 +321,16 @@ fn check_install(report: &mut Report, csv_file: &str, csv: &Value) {
             }
         }
     }
+    match spec["minKubeVersion"].as_str().map(str::trim) {
+        None | Some("") => report.warnings.push(format!(
+            "{csv_file}: spec.minKubeVersion is not set; OLM installs the operator on any \
+             Kubernetes version"
+        )),
+        Some(_) => {}
+    }
     for field in ["minKubeVersion", "version"] {
         if let Some(v) = spec[field].as_str()
+            && !(field == "minKubeVersion" && v.trim().is_empty())
             && !is_semver(v)
         {
             report.problems.push(format!(
@@ -330,64 +366,332 @@ fn check_install(report: &mut Report, csv_file: &str, csv: &Value) {
     }
 }
 
-/// `MAJOR.MINOR.PATCH` with an optional `-pre-release` and `+build` suffix.
-fn is_semver(v: &str) -> bool {
-    let core = v.split(['-', '+']).next().unwrap_or("");
+/// A semantic version as OLM parses it (`blang/semver` `Parse`): `MAJOR.MINOR.PATCH`
+/// without leading zeros or a `v`, then an optional `-pre.release` whose numeric identifiers
+/// have no leading zeros, then an optional `+build.metadata`.
+pub fn is_semver(v: &str) -> bool {
+    let ident_ok =
+        |id: &str| !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+    let numeric_ok = |n: &str| {
+        !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()) && (n == "0" || !n.starts_with('0'))
+    };
+    let (rest, build) = match v.split_once('+') {
+        Some((rest, build)) => (rest, Some(build)),
+        None => (v, None),
+    };
+    if let Some(build) = build
+        && !build.split('.').all(ident_ok)
+    {
+        return false;
+    }
+    let (core, pre) = match rest.split_once('-') {
+        Some((core, pre)) => (core, Some(pre)),
+        None => (rest, None),
+    };
+    if let Some(pre) = pre
+        && !pre
+            .split('.')
+            .all(|id| ident_ok(id) && (!id.chars().all(|c| c.is_ascii_digit()) || numeric_ok(id)))
+    {
+        return false;
+    }
     let parts: Vec<&str> = core.split('.').collect();
-    parts.len() == 3
-        && parts
-            .iter()
-            .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()))
+    parts.len() == 3 && parts.iter().all(|p| numeric_ok(p))
 }
 
-fn check_owned_crds(
-    report: &mut Report,
-    csv_file: &str,
-    csv: &Value,
-    crds: &BTreeMap<String, &Doc>,
-) {
+/// An RFC 1123 subdomain, as Kubernetes requires of object names.
+fn is_dns1123_subdomain(name: &str) -> bool {
+    name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+/// `metadata.name` and `spec.replaces` must be valid object names and label values, and
+/// annotations OLM reads case-sensitively must be spelled as OLM spells them.
+fn check_csv_metadata(report: &mut Report, csv_file: &str, csv: &Value) {
+    for (field, value) in [
+        ("metadata.name", &csv["metadata"]["name"]),
+        ("spec.replaces", &csv["spec"]["replaces"]),
+    ] {
+        let Some(name) = value.as_str() else {
+            continue;
+        };
+        if name.len() > MAX_CSV_NAME_LEN {
+            report.problems.push(format!(
+                "{csv_file}: {field} {name:?} is {} characters long; OLM uses it as a label \
+                 value, which must be no more than {MAX_CSV_NAME_LEN} characters",
+                name.len()
+            ));
+        }
+        if !is_dns1123_subdomain(name) {
+            report.problems.push(format!(
+                "{csv_file}: {field} {name:?} is not a valid name (lowercase letters, digits, \
+                 '-' and '.', starting and ending with a letter or digit)"
+            ));
+        }
+    }
+    let Some(annotations) = csv["metadata"]["annotations"].as_object() else {
+        return;
+    };
+    for key in annotations.keys() {
+        if let Some(right) = CASE_SENSITIVE_ANNOTATIONS
+            .iter()
+            .find(|a| a.eq_ignore_ascii_case(key) && *a != key)
+        {
+            report.problems.push(format!(
+                "{csv_file}: metadata.annotations.{key} uses the wrong case; OLM reads only \
+                 {right}"
+            ));
+        }
+    }
+}
+
+/// OLM converts between CRD versions through one webhook for the whole cluster, so a CSV
+/// with a conversion webhook must support only the AllNamespaces install mode.
+fn check_conversion_install_modes(report: &mut Report, csv_file: &str, csv: &Value, crds: &[&Doc]) {
+    let mut reasons = Vec::new();
+    for crd in crds {
+        if crd.value["spec"]["conversion"]["strategy"] == "Webhook" {
+            reasons.push(format!(
+                "{} sets spec.conversion.strategy: Webhook",
+                file_name(&crd.file)
+            ));
+        }
+    }
+    let webhooks = csv["spec"]["webhookdefinitions"]
+        .as_array()
+        .map_or(&[][..], Vec::as_slice);
+    for (i, w) in webhooks.iter().enumerate() {
+        let conversion_crds = w["conversionCRDs"]
+            .as_array()
+            .is_some_and(|c| !c.is_empty());
+        if w["type"] == "ConversionWebhook" || conversion_crds {
+            reasons.push(format!(
+                "spec.webhookdefinitions[{i}] is a conversion webhook"
+            ));
+        }
+    }
+    if reasons.is_empty() {
+        return;
+    }
+    let modes = csv["spec"]["installModes"]
+        .as_array()
+        .map_or(&[][..], Vec::as_slice);
+    let mut wrong = Vec::new();
+    for (i, mode) in modes.iter().enumerate() {
+        let ty = mode["type"].as_str().unwrap_or("");
+        let supported = mode["supported"] == true;
+        if ty == "AllNamespaces" && !supported {
+            wrong.push(format!(
+                "spec.installModes[{i}] AllNamespaces is unsupported"
+            ));
+        } else if ty != "AllNamespaces" && supported {
+            wrong.push(format!("spec.installModes[{i}] {ty} is supported"));
+        }
+    }
+    if !wrong.is_empty() {
+        report.problems.push(format!(
+            "{csv_file}: spec.installModes must support only AllNamespaces when the bundle has \
+             a conversion webhook ({}), but {}",
+            reasons.join("; "),
+            wrong.join(", ")
+        ));
+    }
+}
+
+/// OLM creates the ServiceAccounts the install strategy names; one the bundle also ships
+/// would clash with it.
+fn check_service_accounts(report: &mut Report, csv_file: &str, csv: &Value, docs: &[Doc]) {
+    let strategy = &csv["spec"]["install"]["spec"];
+    let mut created: BTreeMap<String, String> = BTreeMap::new();
+    let mut add = |name: &Value, field: String| {
+        if let Some(name) = name.as_str().filter(|n| !n.is_empty()) {
+            created.entry(name.to_owned()).or_insert(field);
+        }
+    };
+    for (i, d) in strategy["deployments"]
+        .as_array()
+        .map_or(&[][..], Vec::as_slice)
+        .iter()
+        .enumerate()
+    {
+        add(
+            &d["spec"]["template"]["spec"]["serviceAccountName"],
+            format!("spec.install.spec.deployments[{i}].spec.template.spec.serviceAccountName"),
+        );
+    }
+    for list in ["permissions", "clusterPermissions"] {
+        for (i, p) in strategy[list]
+            .as_array()
+            .map_or(&[][..], Vec::as_slice)
+            .iter()
+            .enumerate()
+        {
+            add(
+                &p["serviceAccountName"],
+                format!("spec.install.spec.{list}[{i}].serviceAccountName"),
+            );
+        }
+    }
+    for doc in docs {
+        if doc.value["kind"] != "ServiceAccount" || doc.value["apiVersion"] != "v1" {
+            continue;
+        }
+        let name = doc.value["metadata"]["name"].as_str().unwrap_or("");
+        if let Some(field) = created.get(name) {
+            report.problems.push(format!(
+                "{}: bundle ships ServiceAccount {name}, which the CSV's install strategy \
+                 creates ({csv_file}: {field}); remove the manifest or rename one of them",
+                file_name(&doc.file)
+            ));
+        }
+    }
+}
+
+/// Group, served-or-not version names and kind of a CRD, as OLM keys bundle CRDs: every entry
+/// of v1 `spec.versions`, or v1beta1 `spec.version` when it has no `versions`.
+fn crd_keys(crd: &Value) -> Vec<(String, String, String)> {
+    let group = crd["spec"]["group"].as_str().unwrap_or("").to_owned();
+    let kind = crd["spec"]["names"]["kind"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    let mut versions: Vec<String> = crd["spec"]["versions"]
+        .as_array()
+        .map(|vs| {
+            vs.iter()
+                .filter_map(|v| v["name"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    if versions.is_empty()
+        && let Some(v) = crd["spec"]["version"].as_str()
+    {
+        versions.push(v.to_owned());
+    }
+    versions
+        .into_iter()
+        .map(|v| (group.clone(), v, kind.clone()))
+        .collect()
+}
+
+fn gvk_text((group, version, kind): &(String, String, String)) -> String {
+    format!("{group}/{version}, Kind={kind}")
+}
+
+/// Two CRD documents with the same name, or defining the same group/version/kind (OLM's key,
+/// which also catches a v1 and a v1beta1 copy of one CRD), are an error.
+fn check_duplicate_crds(report: &mut Report, crds: &[&Doc]) {
+    let mut by_name: BTreeMap<&str, &Doc> = BTreeMap::new();
+    let mut by_gvk: BTreeMap<(String, String, String), &Doc> = BTreeMap::new();
+    for crd in crds {
+        let file = file_name(&crd.file);
+        let name = crd.value["metadata"]["name"].as_str().unwrap_or("");
+        if let Some(first) = by_name.get(name) {
+            report.problems.push(format!(
+                "{file}: duplicate CRD {name} (metadata.name), already defined in {}",
+                file_name(&first.file)
+            ));
+            continue;
+        }
+        by_name.insert(name, crd);
+        for key in crd_keys(&crd.value) {
+            if let Some(first) = by_gvk.get(&key) {
+                report.problems.push(format!(
+                    "{file}: duplicate CRD {:?} (spec.group, spec.versions, spec.names.kind), \
+                     already defined in {}",
+                    gvk_text(&key),
+                    file_name(&first.file)
+                ));
+            } else {
+                by_gvk.insert(key, crd);
+            }
+        }
+    }
+}
+
+/// Owned CRDs are matched to CRD files by group (from the owned `name`, `<plural>.<group>`),
+/// version and kind, as OLM does; every CRD file must be owned by group and kind.
+fn check_owned_crds(report: &mut Report, csv_file: &str, csv: &Value, crds: &[&Doc]) {
     let owned = csv["spec"]["customresourcedefinitions"]["owned"]
         .as_array()
         .map_or(&[][..], Vec::as_slice);
-    let mut owned_names = Vec::new();
+    let mut owned_group_kinds = BTreeSet::new();
     for (i, o) in owned.iter().enumerate() {
+        let field = format!("spec.customresourcedefinitions.owned[{i}]");
         let name = o["name"].as_str().unwrap_or("");
-        owned_names.push(name);
-        let Some(crd) = crds.get(name) else {
+        let version = o["version"].as_str().unwrap_or("");
+        let kind = o["kind"].as_str().unwrap_or("");
+        let Some((_plural, group)) = name.split_once('.') else {
             report.problems.push(format!(
-                "{csv_file}: owned CRD {name:?} (spec.customresourcedefinitions.owned[{i}]) has no \
-                 CRD file in the bundle"
+                "{csv_file}: {field}.name {name:?} is not <plural>.<group>"
+            ));
+            continue;
+        };
+        let key = (group.to_owned(), version.to_owned(), kind.to_owned());
+        owned_group_kinds.insert((group.to_owned(), kind.to_owned()));
+        let Some(crd) = crds.iter().find(|c| crd_keys(&c.value).contains(&key)) else {
+            let hint = crds
+                .iter()
+                .find(|c| c.value["metadata"]["name"] == name)
+                .map(|c| {
+                    let keys: Vec<String> = crd_keys(&c.value).iter().map(gvk_text).collect();
+                    format!(" ({} defines {})", file_name(&c.file), keys.join("; "))
+                })
+                .unwrap_or_default();
+            report.problems.push(format!(
+                "{csv_file}: owned CRD {name} ({field}: group {group}, version {version}, kind \
+                 {kind}) has no CRD file in the bundle defining {:?}{hint}",
+                gvk_text(&key)
             ));
             continue;
         };
         let crd_file = file_name(&crd.file);
-        let crd_kind = &crd.value["spec"]["names"]["kind"];
-        if o["kind"] != *crd_kind {
-            report.problems.push(format!(
-                "{csv_file}: owned CRD {name} has kind {}, but {crd_file} defines kind {crd_kind}",
-                o["kind"]
+        if crd.value["metadata"]["name"] != name {
+            report.warnings.push(format!(
+                "{csv_file}: {field}.name is {name}, but {crd_file}, which defines {:?}, is \
+                 named {}",
+                gvk_text(&key),
+                crd.value["metadata"]["name"]
             ));
         }
-        let version = o["version"].as_str().unwrap_or("");
-        let served = crd_versions(&crd.value);
-        if !served.iter().any(|v| v == version) {
-            report.problems.push(format!(
-                "{csv_file}: owned CRD {name} version {version:?} is not served by {crd_file} \
-                 (served: {})",
-                served.join(", ")
+        if !crd_versions(&crd.value).iter().any(|v| v == version) {
+            report.warnings.push(format!(
+                "{csv_file}: owned CRD {name} version {version:?} ({field}.version) is not \
+                 served by {crd_file} (served: {})",
+                crd_versions(&crd.value).join(", ")
             ));
         }
     }
-    for (name, crd) in crds {
+    for crd in crds {
+        let group = crd.value["spec"]["group"].as_str().unwrap_or("").to_owned();
+        let kind = crd.value["spec"]["names"]["kind"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned();
+        if owned_group_kinds.contains(&(group.clone(), kind.clone())) {
+            continue;
+        }
+        let name = crd.value["metadata"]["name"].as_str().unwrap_or("");
         let required = csv["spec"]["customresourcedefinitions"]["required"]
             .as_array()
-            .is_some_and(|r| r.iter().any(|x| x["name"] == name.as_str()));
-        if !owned_names.contains(&name.as_str()) && !required {
-            report.problems.push(format!(
-                "{}: CRD {name} is in the bundle but not listed in the CSV's owned CRDs",
-                file_name(&crd.file)
-            ));
-        }
+            .is_some_and(|r| r.iter().any(|x| x["name"] == name));
+        report.problems.push(format!(
+            "{}: CRD {name} ({group}, Kind={kind}) is in the bundle but not listed in the \
+             CSV's owned CRDs{}",
+            file_name(&crd.file),
+            if required {
+                " (it is listed as required; a bundle ships only CRDs it owns)"
+            } else {
+                ""
+            }
+        ));
     }
 }
 
@@ -399,9 +703,10 @@ fn check_alm_examples(
     crds: &BTreeMap<String, &Doc>,
 ) -> anyhow::Result<usize> {
     let Some(raw) = csv["metadata"]["annotations"].get("alm-examples") else {
-        report
-            .notes
-            .push(format!("{csv_file}: no alm-examples annotation"));
+        report.warnings.push(format!(
+            "{csv_file}: metadata.annotations has no alm-examples; the console shows no \
+             example for the owned CRDs"
+        ));
         return Ok(0);
     };
     let Some(raw) = raw.as_str() else {
@@ -425,9 +730,25 @@ fn check_alm_examples(
             return Ok(0);
         }
     };
-    let owned: Vec<&str> = csv["spec"]["customresourcedefinitions"]["owned"]
+    // Group (from `<plural>.<group>`), version and kind of every owned CRD, as OLM keys the
+    // APIs a CSV provides.
+    let owned: Vec<(&str, &str, &str)> = csv["spec"]["customresourcedefinitions"]["owned"]
         .as_array()
-        .map(|o| o.iter().filter_map(|x| x["name"].as_str()).collect())
+        .map(|o| {
+            o.iter()
+                .map(|x| {
+                    let group = x["name"]
+                        .as_str()
+                        .and_then(|n| n.split_once('.'))
+                        .map_or("", |(_, g)| g);
+                    (
+                        group,
+                        x["version"].as_str().unwrap_or(""),
+                        x["kind"].as_str().unwrap_or(""),
+                    )
+                })
+                .collect()
+        })
         .unwrap_or_default();
     for (i, example) in examples.iter().enumerate() {
         let kind = example["kind"].as_str().unwrap_or("");
@@ -450,10 +771,11 @@ fn check_alm_examples(
             continue;
         };
         let crd_name = crd.value["metadata"]["name"].as_str().unwrap_or("");
-        if !owned.contains(&crd_name) {
-            report
-                .problems
-                .push(format!("{label}: CRD {crd_name} is not an owned CRD"));
+        if !owned.contains(&(group, version, kind)) {
+            report.problems.push(format!(
+                "{label}: {group}/{version}, Kind={kind} (CRD {crd_name}) is not an owned CRD's \
+                 group/version/kind"
+            ));
         }
         if !crd_versions(&crd.value).iter().any(|v| v == version) {
             report.problems.push(format!(
@@ -468,6 +790,30 @@ fn check_alm_examples(
         report
             .notes
             .extend(notes.iter().map(|n| format!("{label}: {n}")));
+    }
+    // OLM warns about every owned group/version/kind without an example.
+    for (i, o) in csv["spec"]["customresourcedefinitions"]["owned"]
+        .as_array()
+        .map_or(&[][..], Vec::as_slice)
+        .iter()
+        .enumerate()
+    {
+        let group = o["name"]
+            .as_str()
+            .and_then(|n| n.split_once('.'))
+            .map_or("", |(_, g)| g);
+        let api_version = format!("{group}/{}", o["version"].as_str().unwrap_or(""));
+        if !examples
+            .iter()
+            .any(|e| e["apiVersion"] == api_version.as_str() && e["kind"] == o["kind"])
+        {
+            report.warnings.push(format!(
+                "{csv_file}: owned CRD {} (spec.customresourcedefinitions.owned[{i}]) has no \
+                 alm-examples entry of apiVersion {api_version}, kind {}",
+                o["name"].as_str().unwrap_or(""),
+                o["kind"].as_str().unwrap_or("")
+            ));
+        }
     }
     Ok(examples.len())
 }

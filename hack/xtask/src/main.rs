@@ -76,6 +76,9 @@ fn run() -> anyhow::Result<()> {
             for note in &report.notes {
                 println!("note: {note}");
             }
+            for warning in &report.warnings {
+                eprintln!("warning: {warning}");
+            }
             if !report.problems.is_empty() {
                 for p in &report.problems {
                     eprintln!("problem: {p}");
@@ -86,7 +89,15 @@ fn run() -> anyhow::Result<()> {
                     report.problems.len()
                 );
             }
-            println!("bundle {} is valid ({})", dir.display(), report.summary);
+            let warnings = match report.warnings.len() {
+                0 => String::new(),
+                n => format!(" with {n} warning(s)"),
+            };
+            println!(
+                "bundle {} is valid{warnings} ({})",
+                dir.display(),
+                report.summary
+            );
         }
         Command::Images { profile, out } => {
             let root = root.canonicalize()?;

@@ -5,8 +5,12 @@
 //!  rbac (permission table) ──┼─► generate::generate() ─► Tree ─┬─► gen:    write into the repo
 //!  examples/*.yaml ──────────┘     manifests:: + olm::         └─► verify: diff against the repo
 //!
-//!  olm-validate DIR ─► bundle::check_bundle() ─► problems (CSV schema, owned CRDs,
-//!                                                 alm-examples, install modes, annotations)
+//!  olm-validate DIR ─► bundle::check_bundle() ─► problems (errors) and warnings, as OLM's
+//!                      validators classify them: CSV schema, name, semver, owned CRDs by
+//!                      group/version/kind, duplicate CRDs, ServiceAccounts, install modes
+//!                      and conversion webhooks, annotation names, alm-examples, metadata
+//!
+//!  images ─► images::build() ─► target/images/<reference>.tar (meshlet_oci archives)
 //! ```
 
 pub mod bundle;

@@ -87,7 +87,14 @@ fn every_agent_tag_is_the_same_files_with_the_documented_config() {
                 .map(String::as_str),
             Some(tag)
         );
-        layers.push(image.layers().to_vec());
+        // The layers' content, not where each archive happens to store them.
+        layers.push(
+            image
+                .layers()
+                .iter()
+                .map(|l| (l.digest.clone(), l.diff_id.clone(), l.size))
+                .collect::<Vec<_>>(),
+        );
         digests.push(image.digest().to_string());
     }
     assert!(

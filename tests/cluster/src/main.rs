@@ -100,10 +100,10 @@ async fn main() -> anyhow::Result<()> {
             n.cgroup.display()
         );
     }
+    println!("  images from {}", images_dir.display());
     println!(
-        "  images from {}; IPsec: the v1/v2 agent images record xfrm state in each node's \
-         /run/meshlet/{} (this host kernel has no ESP)",
-        images_dir.display(),
+        "  IPsec: the v1/v2 agent images record xfrm state in each node's /run/meshlet/{} \
+         (this host kernel has no ESP)",
         meshlet_local_cluster::xfrm::FILE_NAME
     );
     println!("export KUBECONFIG={}", cluster.kubeconfig_path().display());

@@ -138,15 +138,21 @@ async fn reconcile_spans_reach_an_otlp_receiver_and_metrics_are_served() {
     assert_eq!(code, 200);
     let (code, _) = get(http_addr, "/readyz").await;
     assert_eq!(code, 200);
-    let (code, metrics) = get(http_addr, "/metrics").await;
-    assert_eq!(code, 200);
-    for want in [
+    let wants = [
         "meshlet_operator_reconciles_total",
         "meshlet_operator_reconcile_duration_seconds_bucket",
         "meshlet_operator_nodes{state=\"updated\"} 2",
         "meshlet_operator_rollout_updated_nodes 2",
         "meshlet_operator_leader 1",
-    ] {
+    ];
+    // The gauges follow the reconcile after the one that wrote the Ready status.
+    let metrics = eventually(20, "the rollout figures in /metrics", || async {
+        let (code, metrics) = get(http_addr, "/metrics").await;
+        assert_eq!(code, 200);
+        wants.iter().all(|w| metrics.contains(w)).then_some(metrics)
+    })
+    .await;
+    for want in wants {
         assert!(metrics.contains(want), "missing {want} in:\n{metrics}");
     }
     tokio::task::spawn_blocking(move || telemetry.shutdown())

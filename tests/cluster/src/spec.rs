@@ -365,6 +365,15 @@ pub fn field_ref(plan: &Plan<'_>, path: &str) -> Option<String> {
     })
 }
 
+/// The container's hostname: the node's for hostNetwork pods, else the pod's name.
+fn hostname(plan: &Plan<'_>) -> String {
+    if plan.netns.is_none() {
+        plan.node_name.to_string()
+    } else {
+        plan.pod.metadata.name.clone().unwrap_or_default()
+    }
+}
+
 /// The container's environment, in order: image ENV, the `kubernetes` Service variables, then
 /// the container's `env` (values with `$(VAR)` expanded against what precedes them,
 /// `fieldRef`s resolved). Unresolvable sources (Secrets, ConfigMaps) are reported.
@@ -381,11 +390,7 @@ pub fn environment(plan: &Plan<'_>) -> (Vec<(String, String)>, Vec<String>) {
         let (k, v) = kv.split_once('=').unwrap_or((kv.as_str(), ""));
         set(&mut vars, k.to_string(), v.to_string());
     }
-    let hostname = if plan.netns.is_none() {
-        plan.node_name.to_string()
-    } else {
-        plan.pod.metadata.name.clone().unwrap_or_default()
-    };
+    let hostname = hostname(plan);
     set(&mut vars, "HOSTNAME".into(), hostname);
     let (host, port) = &plan.api_service;
     for (k, v) in [
@@ -629,11 +634,7 @@ pub fn build(plan: &Plan<'_>) -> Result<Value, SpecError> {
     if let Some(ns) = &plan.netns {
         namespaces.push(json!({"type": "network", "path": ns}));
     }
-    let hostname = if plan.netns.is_none() {
-        plan.node_name.to_string()
-    } else {
-        plan.pod.metadata.name.clone().unwrap_or_default()
-    };
+    let hostname = hostname(plan);
 
     let mut linux = json!({
         "cgroupsPath": plan.cgroups_path,
